@@ -1,0 +1,122 @@
+"""The HTTP routes: thin wrappers that read the request, call the rules, shape the answer."""
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+from peewee import PeeweeException
+
+import images
+from auth import require_scope
+from downloads import DISK_TYPES, JSON, file_response, negotiate
+from errors import ApiError, ValidationError, not_found
+from links import link_matches, parse_expires_in, read_link, sign_link
+from models import db
+from qcow2 import ImageRefused, inspect_qcow2
+from uploads import body_stream, check_upload_headers, receive_body
+from web import base_url, link_header
+
+bp = Blueprint("api", __name__)
+
+
+def storage():
+    return current_app.extensions["storage"]
+
+
+@bp.get("/healthz")
+def healthz():
+    """200 when the database answers and the store takes files; 503 naming what failed."""
+    try:
+        db.execute_sql("SELECT 1")
+    except PeeweeException:
+        return jsonify(status="database unavailable"), 503
+    try:
+        storage().check_writable()
+    except OSError:
+        return jsonify(status="storage not writable"), 503
+    return jsonify(status="ok")
+
+
+@bp.get("/images")
+@require_scope("image:read")
+def list_images():
+    """A page of the user's images, newest first, with a Link header."""
+    page = images.parse_page(request.args.get("page"))
+    rows, has_next = images.list_images(g.user, request.args.get("search"), page)
+    response = jsonify([images.image_json(i, base_url()) for i in rows])
+    link = link_header(base_url() + "/images", request.args.items(multi=True), page, has_next)
+    if link:
+        response.headers["Link"] = link
+    return response
+
+
+@bp.post("/images")
+@require_scope("image:write")
+def create_image():
+    """Stream the body to a temporary file, inspect it, store it, record it."""
+    max_size = current_app.config["MAX_IMAGE_SIZE"]
+    check_upload_headers(request, max_size)
+    plan = images.plan_upload(g.user, request.args.get("name"), request.args.get("namespace"))
+    with storage().staging() as staged:
+        size, sha256 = receive_body(body_stream(request), staged.file, max_size)
+        try:
+            info = inspect_qcow2(staged.path, current_app.config["MAX_VIRTUAL_SIZE"])
+        except ImageRefused as refusal:
+            raise ValidationError("file", str(refusal)) from None
+        image = images.create_image(plan, storage(), staged, size, sha256, info)
+    body = images.image_json(image, base_url())
+    return jsonify(body), 201, {"Location": body["url"]}
+
+
+@bp.get("/images/<int:image_id>")
+@require_scope("image:read")
+def get_image(image_id):
+    """The image as JSON, or the file itself when Accept asks for a disk type."""
+    mimetype = negotiate(request.headers.get("Accept"))
+    if mimetype is None:
+        raise ApiError(406, f"Not Acceptable: ask for {JSON} or one of {', '.join(DISK_TYPES)}")
+    image = images.readable_image(g.user, image_id)
+    if mimetype != JSON:
+        return send_image(image, mimetype)
+    response = jsonify(images.image_json(image, base_url()))
+    response.vary.add("Accept")
+    return response
+
+
+@bp.delete("/images/<int:image_id>")
+@require_scope("image:delete")
+def delete_image(image_id):
+    """Remove the image's row and file."""
+    images.delete_image(images.writable_image(g.user, image_id), storage())
+    response = Response(status=204)
+    del response.headers["Content-Type"]
+    return response
+
+
+@bp.post("/images/<int:image_id>/links")
+@require_scope("image:read")
+def create_link(image_id):
+    """A signed URL that serves the file without a token until it expires."""
+    expires_in = parse_expires_in(request.args.get("expires_in"))
+    image = images.readable_image(g.user, image_id)
+    token, expires_at = sign_link(current_app.config["SECRET_KEY"], image, expires_in)
+    url = f"{base_url()}/links/{token}/{image.name}.qcow2"
+    return jsonify(url=url, expires_at=images.rfc3339(expires_at)), 201
+
+
+@bp.get("/links/<token>/<filename>")
+def follow_link(token, filename):
+    """Serve the file named by a signed link, to anyone who holds it."""
+    image_id, tag = read_link(current_app.config["SECRET_KEY"], token)
+    image = images.find_image(image_id)
+    if not link_matches(image, tag):
+        raise not_found()
+    mimetype = negotiate(request.headers.get("Accept"))
+    return send_image(image, mimetype if mimetype in DISK_TYPES else DISK_TYPES[1])
+
+
+def send_image(image, mimetype):
+    """The download answer for image, by whichever way the storage serves files."""
+    store = storage()
+    return file_response(
+        request, lambda: store.open(image.storage_key), size=image.size, mimetype=mimetype,
+        etag=image.sha256, last_modified=images.last_modified(image),
+        filename=f"{image.name}.qcow2",
+    )

@@ -1,0 +1,43 @@
+"""The application factory."""
+
+import os
+
+from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from api import bp
+from cli import register_cli
+from config import load_config
+from errors import register_error_handlers
+from models import create_tables, db, open_database
+from storage import storage_from_url
+
+
+def create_app(test_config=None, instance_path=None):
+    """Build the app: settings, database, storage, routes, error handlers, CLI."""
+    app = Flask(__name__, instance_path=instance_path or os.environ.get("IMAGESTORE_INSTANCE"))
+    app.config.from_mapping(load_config(app.instance_path))
+    app.config.update(test_config or {})
+    app.json.sort_keys = False
+
+    open_database(app.config["DATABASE_URL"])
+    create_tables()
+    store = storage_from_url(app.config["STORAGE_URL"])
+    store.sweep()
+    app.extensions["storage"] = store
+
+    @app.before_request
+    def connect_db():
+        db.connect(reuse_if_open=True)
+
+    @app.teardown_request
+    def close_db(exc):
+        if not db.is_closed():
+            db.close()
+
+    if app.config["TRUST_PROXY_HEADERS"]:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)
+    register_error_handlers(app)
+    register_cli(app)
+    app.register_blueprint(bp)
+    return app

@@ -1,0 +1,95 @@
+"""Bearer tokens with Djinn-style scopes: issuing, hashing, and checking them on a request."""
+
+import functools
+import hashlib
+import secrets
+
+from flask import g, request
+
+from errors import ApiError
+from models import Token, User
+
+RESOURCES = {"image": ("read", "write", "delete")}
+TOKEN_PREFIX = "ims_"
+
+
+def parse_scopes(text):
+    """Read 'image:read,write,delete' or 'image:read image:write' into {'image:read', ...}."""
+    scopes = set()
+    for item in (text or "").replace(";", " ").split():
+        resource, _, perms = item.partition(":")
+        allowed = RESOURCES.get(resource)
+        if allowed is None or not perms:
+            raise ValueError(f"unknown scope {item!r}; use e.g. image:read,write,delete")
+        for perm in perms.split(","):
+            if perm not in allowed:
+                raise ValueError(f"unknown permission {perm!r} in {item!r}")
+            scopes.add(f"{resource}:{perm}")
+    if not scopes:
+        raise ValueError("no scope given; use e.g. image:read,write,delete")
+    return frozenset(scopes)
+
+
+def format_scopes(scopes):
+    """Write scopes back in Djinn's compact form, e.g. 'image:read,write'."""
+    by_resource = {}
+    for scope in sorted(scopes):
+        resource, _, perm = scope.partition(":")
+        by_resource.setdefault(resource, []).append(perm)
+    return " ".join(
+        f"{res}:{','.join(p for p in RESOURCES[res] if p in perms)}"
+        for res, perms in by_resource.items()
+    )
+
+
+def hash_token(token):
+    """Tokens are long random strings, so one round of SHA-256 is enough to keep them secret."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def issue_token(user, scopes, name=""):
+    """Make a token for user; return the secret, which is shown once and never stored."""
+    secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    Token.create(user=user, name=name, token_hash=hash_token(secret), scopes=format_scopes(scopes))
+    return secret
+
+
+def _unauthorized(message):
+    return ApiError(401, message, {"WWW-Authenticate": 'Bearer realm="imagestore"'})
+
+
+def authenticate(header):
+    """Find the token named in an Authorization header, with its user, in one query."""
+    scheme, _, secret = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise _unauthorized("Missing bearer token")
+    token = (
+        Token.select(Token, User)
+        .join(User)
+        .where(Token.token_hash == hash_token(secret.strip()))
+        .first()
+    )
+    if token is None:
+        raise _unauthorized("Invalid token")
+    return token
+
+
+def require_scope(scope):
+    """Decorate a view so that it runs only for a token holding scope; sets g.user."""
+
+    def decorator(view):
+        @functools.wraps(view)
+        def wrapped(*args, **kwargs):
+            token = authenticate(request.headers.get("Authorization"))
+            if scope not in parse_scopes(token.scopes):
+                raise ApiError(
+                    403,
+                    f"Token lacks the {scope} scope",
+                    {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'},
+                )
+            g.user = token.user
+            return view(*args, **kwargs)
+
+        return wrapped
+
+    return decorator

@@ -1,0 +1,57 @@
+"""Errors that the rules raise, and the one place that turns every error into JSON."""
+
+from flask import jsonify
+from werkzeug.exceptions import HTTPException
+
+
+class ApiError(Exception):
+    """An error with a status and a message: {"message": "..."}."""
+
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+class ValidationError(Exception):
+    """A 400 whose body maps field names to lists of messages."""
+
+    def __init__(self, field, message):
+        super().__init__(f"{field}: {message}")
+        self.fields = {field: [message]}
+
+
+def not_found():
+    """The one answer for a missing image and for one the user may not see."""
+    return ApiError(404, "Not Found")
+
+
+def _json(status, body, headers=None):
+    response = jsonify(body)
+    response.status_code = status
+    response.headers.extend(headers or {})
+    return response
+
+
+def register_error_handlers(app):
+    """Make every error, werkzeug's own included, a JSON answer without a trace."""
+
+    @app.errorhandler(ApiError)
+    def api_error(error):
+        return _json(error.status, {"message": error.message}, error.headers)
+
+    @app.errorhandler(ValidationError)
+    def validation_error(error):
+        return _json(400, error.fields)
+
+    @app.errorhandler(HTTPException)
+    def http_error(error):
+        # Keep werkzeug's headers (Allow on 405, WWW-Authenticate) but not its HTML.
+        headers = [(k, v) for k, v in error.get_headers() if k.lower() != "content-type"]
+        return _json(error.code or 500, {"message": error.name}, headers)
+
+    @app.errorhandler(Exception)
+    def unexpected_error(error):
+        app.logger.exception("unhandled error")
+        return _json(500, {"message": "Internal Server Error"})

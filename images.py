@@ -1,0 +1,182 @@
+"""The rules about images: who sees which, listing, creating and deleting, and their JSON."""
+
+import re
+from datetime import UTC
+
+from peewee import JOIN, SQL, IntegrityError, NodeList, Value, fn
+
+from errors import ValidationError, not_found
+from models import Collaborator, Image, Namespace, User, write_transaction
+from namespaces import (
+    can_read,
+    can_write,
+    ensure_namespace,
+    parse_namespace_ref,
+    resolve_upload_target,
+)
+
+NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+PAGE_SIZE = 25
+NAME_TAKEN = "Name already exists"
+
+
+def rfc3339(moment):
+    """2006-01-02T15:04:05Z."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def last_modified(image):
+    """The image's creation time as an aware datetime, for HTTP dates."""
+    return image.created_at.replace(tzinfo=UTC)
+
+
+def user_json(user):
+    return {"id": user.id, "email": user.email, "username": user.username,
+            "created_at": rfc3339(user.created_at)}
+
+
+def namespace_json(ns, base_url):
+    return {"id": ns.id, "user_id": ns.user_id, "root_id": ns.root_id, "parent_id": ns.parent_id,
+            "name": ns.name, "path": ns.path, "description": ns.description,
+            "visibility": ns.visibility, "created_at": rfc3339(ns.created_at),
+            "url": f"{base_url}/n/{ns.user.username}/{ns.path}", "user": user_json(ns.user)}
+
+
+def image_json(image, base_url):
+    """The image object of the API; expects author, user and namespace loaded with it."""
+    ns = image.namespace
+    return {"id": image.id, "author_id": image.author_id, "user_id": image.user_id,
+            "namespace_id": image.namespace_id, "name": image.name,
+            "created_at": rfc3339(image.created_at), "url": f"{base_url}/images/{image.id}",
+            "author": user_json(image.author), "user": user_json(image.user),
+            "namespace": namespace_json(ns, base_url) if ns else None,
+            "size": image.size, "virtual_size": image.virtual_size, "sha256": image.sha256}
+
+
+def _with_relations():
+    """Images with author, user, namespace and the namespace's user, in one query."""
+    author, owner, ns_owner = User.alias(), User.alias(), User.alias()
+    return (
+        Image.select(Image, author, owner, Namespace, ns_owner)
+        .join_from(Image, author, on=(Image.author == author.id), attr="author")
+        .join_from(Image, owner, on=(Image.user == owner.id), attr="user")
+        .join_from(Image, Namespace, JOIN.LEFT_OUTER, attr="namespace")
+        .join_from(Namespace, ns_owner, JOIN.LEFT_OUTER, on=(Namespace.user == ns_owner.id),
+                   attr="user")
+    )
+
+
+def _name_contains(text):
+    """Case-insensitive substring match in which % and _ match themselves."""
+    escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return NodeList((fn.LOWER(Image.name), SQL("LIKE"), Value(f"%{escaped}%"),
+                     SQL("ESCAPE"), Value("\\")))
+
+
+def parse_page(value):
+    """1-based page; a missing, non-numeric or < 1 value means 1."""
+    return int(value) if value and value.isdigit() and int(value) >= 1 else 1
+
+
+def list_images(user, search, page):
+    """One page of the images user owns or collaborates on; returns (images, has_next)."""
+    shared_roots = Collaborator.select(Collaborator.namespace).where(Collaborator.user == user.id)
+    query = _with_relations().where(
+        (Image.user == user.id) | Namespace.root.in_(shared_roots)
+    )
+    if search:
+        query = query.where(_name_contains(search))
+    rows = list(
+        query.order_by(Image.created_at.desc(), Image.id.desc())
+        .limit(PAGE_SIZE + 1)
+        .offset((page - 1) * PAGE_SIZE)
+    )
+    return rows[:PAGE_SIZE], len(rows) > PAGE_SIZE
+
+
+def find_image(image_id):
+    """The image with its relations, or None."""
+    return _with_relations().where(Image.id == image_id).first()
+
+
+def readable_image(user, image_id):
+    """The image if user may see it, else the same 404 as for a missing id."""
+    image = find_image(image_id)
+    if image is None:
+        raise not_found()
+    if image.namespace_id is None:
+        visible = image.user_id == user.id
+    else:
+        visible = can_read(user, image.namespace)
+    if not visible:
+        raise not_found()
+    return image
+
+
+def writable_image(user, image_id):
+    """The image if user may delete it; 404 otherwise, also when user may only read it."""
+    image = readable_image(user, image_id)
+    if image.namespace_id is not None and not can_write(user, image.namespace):
+        raise not_found()
+    if image.namespace_id is None and image.user_id != user.id:
+        raise not_found()
+    return image
+
+
+def plan_upload(user, name, namespace_text):
+    """Check name and namespace before the body is read; return what create_image needs."""
+    if not name:
+        raise ValidationError("name", "Name field required")
+    if not NAME.fullmatch(name):
+        raise ValidationError("name", "Name must be 1 to 64 of a-z, A-Z, 0-9, _ and -")
+    ref = parse_namespace_ref(namespace_text) if namespace_text else None
+    owner, namespace = resolve_upload_target(user, ref) if ref else (user, None)
+    if _name_taken(owner, namespace, name):
+        raise ValidationError("name", NAME_TAKEN)
+    return {"author": user, "owner": owner, "namespace": namespace, "ref": ref, "name": name}
+
+
+def _name_taken(owner, namespace, name):
+    scope = (Image.namespace == namespace.id) if namespace else (
+        (Image.user == owner.id) & Image.namespace.is_null())
+    return Image.select().where(scope, Image.name == name).exists()
+
+
+def create_image(plan, storage, staged, size, sha256, info):
+    """Move the inspected file into the store, then record it; a failure removes the file.
+
+    The file goes in first so that a crash leaves at worst a file without a row
+    (the sweep removes those), never a row without a file. The database settles a
+    race on the name: the loser's unique-index error becomes the same 400.
+    """
+    key = storage.put(staged)
+    try:
+        with write_transaction():
+            namespace = plan["namespace"]
+            if plan["ref"] and namespace is None:
+                namespace = ensure_namespace(plan["owner"], plan["ref"].segments)
+            image = Image.create(author=plan["author"], user=plan["owner"], namespace=namespace,
+                                 name=plan["name"], storage_key=key, size=size,
+                                 virtual_size=info.virtual_size, sha256=sha256)
+    except IntegrityError:
+        storage.delete(key)
+        raise ValidationError("name", NAME_TAKEN) from None
+    except BaseException:
+        storage.delete(key)
+        raise
+    return find_image(image.id)
+
+
+def delete_image(image, storage):
+    """Remove the row, then the file once the row is surely gone."""
+    with write_transaction():
+        Image.delete().where(Image.id == image.id).execute()
+    storage.delete(image.storage_key)
+
+
+def orphan_keys(storage, older_than):
+    """Stored files with no row (left by a crash between put and commit, or delete and unlink)."""
+    known = {key for (key,) in Image.select(Image.storage_key).tuples()}
+    return [key for key in storage.keys(older_than=older_than) if key not in known]
+
+

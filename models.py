@@ -1,0 +1,123 @@
+"""Database models, and the one database object that the app factory initialises."""
+
+from datetime import UTC, datetime
+
+from peewee import (
+    BigIntegerField,
+    CharField,
+    DatabaseProxy,
+    DateTimeField,
+    ForeignKeyField,
+    Model,
+    SqliteDatabase,
+    TextField,
+)
+from playhouse.db_url import connect
+
+db = DatabaseProxy()
+
+# WAL lets readers go on while an upload commits; the busy timeout makes
+# concurrent writers from several gunicorn workers wait instead of failing.
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "foreign_keys": 1,
+    "busy_timeout": 10000,
+    "synchronous": "normal",
+}
+
+VISIBILITIES = ("private", "internal", "public")
+
+
+def utcnow():
+    """Now in UTC, naive and in whole seconds, as the API shows it."""
+    return datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+
+
+class BaseModel(Model):
+    class Meta:
+        database = db
+
+
+class User(BaseModel):
+    username = CharField(max_length=64, unique=True)
+    email = CharField(max_length=254)
+    created_at = DateTimeField(default=utcnow)
+
+
+class Token(BaseModel):
+    user = ForeignKeyField(User, backref="tokens", on_delete="CASCADE")
+    name = CharField(max_length=64, default="")
+    token_hash = CharField(max_length=64, unique=True)
+    scopes = CharField(max_length=255)
+    created_at = DateTimeField(default=utcnow)
+
+
+class Namespace(BaseModel):
+    user = ForeignKeyField(User, backref="namespaces")
+    # A root's root is itself, so "everything under root R" is one equality.
+    root = ForeignKeyField("self", null=True, backref="descendants", on_delete="CASCADE")
+    parent = ForeignKeyField("self", null=True, backref="children", on_delete="CASCADE")
+    name = CharField(max_length=32)
+    path = CharField(max_length=700)
+    description = TextField(default="")
+    visibility = CharField(max_length=16, default="private")
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("user", "path"), True),)
+
+
+class Collaborator(BaseModel):
+    namespace = ForeignKeyField(Namespace, backref="collaborators", on_delete="CASCADE")
+    user = ForeignKeyField(User, backref="collaborations", on_delete="CASCADE")
+
+    class Meta:
+        indexes = ((("namespace", "user"), True),)
+
+
+class Image(BaseModel):
+    author = ForeignKeyField(User, backref="authored_images")
+    user = ForeignKeyField(User, backref="images")
+    namespace = ForeignKeyField(Namespace, null=True, backref="images")
+    name = CharField(max_length=64)
+    storage_key = CharField(max_length=128, unique=True)
+    size = BigIntegerField()
+    virtual_size = BigIntegerField()
+    sha256 = CharField(max_length=64)
+    created_at = DateTimeField(default=utcnow, index=True)
+
+    class Meta:
+        indexes = (
+            (("namespace", "name"), True),
+            (("user", "created_at", "id"), False),
+        )
+
+
+# Outside namespaces a name is unique per owner; NULL namespaces are distinct
+# in a plain unique index, so this needs a partial one (SQLite and PostgreSQL both have them).
+Image.add_index(Image.index(Image.user, Image.name, unique=True).where(Image.namespace.is_null()))
+
+MODELS = (User, Token, Namespace, Collaborator, Image)
+
+
+def open_database(url):
+    """Connect the shared database object to DATABASE_URL."""
+    options = {"pragmas": SQLITE_PRAGMAS} if url.startswith("sqlite") else {}
+    database = connect(url, **options)
+    db.initialize(database)
+    return database
+
+
+def create_tables():
+    """Create missing tables and indexes; safe to run again and from several instances."""
+    with db.connection_context():
+        db.create_tables(MODELS, safe=True)
+
+
+def write_transaction():
+    """A transaction for writes. On SQLite it takes the write lock at once (IMMEDIATE),
+    so that concurrent writers wait on the busy timeout instead of failing with
+    'database is locked' when a read transaction tries to upgrade."""
+    if isinstance(db.obj, SqliteDatabase):
+        return db.atomic("IMMEDIATE")
+    return db.atomic()

@@ -1,0 +1,114 @@
+"""Namespaces: parsing `path[@owner]`, who may read or write, creating missing paths."""
+
+import re
+from dataclasses import dataclass
+
+from peewee import IntegrityError
+
+from errors import ValidationError
+from models import VISIBILITIES, Collaborator, Namespace, User, db
+
+SEGMENT = re.compile(r"[a-zA-Z0-9]+")
+USERNAME = re.compile(r"[a-zA-Z0-9_.-]+")
+MAX_DEPTH = 20
+PERMISSION_DENIED = "Namespace permission denied"
+
+
+@dataclass(frozen=True)
+class NamespaceRef:
+    """A parsed `path[@owner]`: the path's segments and the owner's username, if named."""
+
+    segments: tuple
+    owner: str | None
+
+    @property
+    def path(self):
+        return "/".join(self.segments)
+
+
+def parse_namespace_ref(text):
+    """Parse `a/b/c@owner`; raise ValidationError on anything else."""
+    path, at, owner = text.partition("@")
+    segments = tuple(path.split("/"))
+    if not all(SEGMENT.fullmatch(s) for s in segments):
+        raise ValidationError(
+            "namespace", "Namespace path segments must match [a-zA-Z0-9]+, joined by /")
+    if len(segments) > MAX_DEPTH:
+        raise ValidationError("namespace", f"Namespace path deeper than {MAX_DEPTH}")
+    if at and not USERNAME.fullmatch(owner):
+        raise ValidationError("namespace", "Namespace owner must be a username after @")
+    return NamespaceRef(segments, owner or None)
+
+
+def is_collaborator(user, root):
+    """Collaborators are kept on the root namespace and cover all its children."""
+    return (
+        Collaborator.select()
+        .where(Collaborator.namespace == root.id, Collaborator.user == user.id)
+        .exists()
+    )
+
+
+def can_write(user, namespace):
+    """Owner or collaborator of the namespace's root."""
+    root = namespace.root
+    return root.user_id == user.id or is_collaborator(user, root)
+
+
+def can_read(user, namespace):
+    """Writers, plus any user when the root is public or internal."""
+    return namespace.root.visibility in ("public", "internal") or can_write(user, namespace)
+
+
+def find_namespace(owner, path):
+    """The owner's namespace at path, or None."""
+    return Namespace.get_or_none(Namespace.user == owner, Namespace.path == path)
+
+
+def resolve_upload_target(user, ref):
+    """Check that user may upload into ref; return (owner, existing namespace or None).
+
+    A missing path of the user's own is created later, with the image, so that a
+    failed upload creates nothing. Someone else's must exist, and the answer is the
+    same whether it is missing or forbidden, so that nobody learns what exists.
+    """
+    if ref.owner is None or ref.owner == user.username:
+        return user, find_namespace(user, ref.path)
+    owner = User.get_or_none(User.username == ref.owner)
+    namespace = owner and find_namespace(owner, ref.path)
+    if namespace is None or not can_write(user, namespace):
+        raise ValidationError("namespace", PERMISSION_DENIED)
+    return owner, namespace
+
+
+def ensure_namespace(owner, segments, visibility="private"):
+    """Return the owner's namespace at segments, creating it and missing parents."""
+    parent = None
+    for depth in range(1, len(segments) + 1):
+        path = "/".join(segments[:depth])
+        found = find_namespace(owner, path)
+        if found is None:
+            found = _create_one(owner, parent, segments[depth - 1], path, visibility)
+        parent = found
+    return parent
+
+
+def _create_one(owner, parent, name, path, visibility):
+    """Create one namespace; when a concurrent request made it first, use theirs."""
+    try:
+        with db.atomic():  # a savepoint: a lost race must not abort the caller's transaction
+            ns = Namespace.create(user=owner, parent=parent, name=name, path=path,
+                                  visibility=visibility, root=parent.root if parent else None)
+            if parent is None:
+                ns.root = ns
+                ns.save(only=[Namespace.root])
+            return ns
+    except IntegrityError:
+        return find_namespace(owner, path)
+
+
+def check_visibility(value):
+    """Refuse a visibility other than private, internal or public."""
+    if value not in VISIBILITIES:
+        raise ValueError(f"visibility must be one of {', '.join(VISIBILITIES)}")
+    return value

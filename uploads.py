@@ -1,0 +1,75 @@
+"""Receiving an upload: the checks made from headers alone, then the body streamed to disk."""
+
+import errno
+import hashlib
+
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
+
+from errors import ApiError, ValidationError
+
+# FACTS.md: 1 MiB reads cost a fifth of the CPU of 8 KiB reads; 4 MiB is no faster.
+CHUNK_SIZE = 1 << 20
+
+
+def check_upload_headers(request, max_size):
+    """Refuse before reading: no body (411), too large a body (413), compressed body (415)."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(415, "Content-Encoding not supported: send the image uncompressed")
+    length = request.content_length
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    if length is None and not chunked:
+        raise ApiError(411, "Length Required: send the image as the request body")
+    if length is not None and length > max_size:
+        raise too_large(max_size)
+
+
+def too_large(max_size):
+    """The 413 for a body past MAX_IMAGE_SIZE."""
+    return ApiError(413, f"Image larger than the limit of {max_size} bytes")
+
+
+def body_stream(request):
+    """The image's bytes: the raw body, or the `file` field of a multipart form."""
+    if request.mimetype != "multipart/form-data":
+        return request.stream
+    upload = request.files.get("file")
+    if upload is None:
+        raise ValidationError("file", "File field required in a multipart/form-data body")
+    return upload.stream
+
+
+def receive_body(stream, out, max_size):
+    """Copy stream into the file out in bounded memory; return (size, sha256 hex)."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := _read(stream, max_size):
+        size += len(chunk)
+        if size > max_size:
+            raise too_large(max_size)
+        digest.update(chunk)
+        write_or_507(out, chunk)
+    return size, digest.hexdigest()
+
+
+def _read(stream, max_size):
+    """Read one chunk, turning the ways a body can end badly into API errors."""
+    try:
+        return stream.read(CHUNK_SIZE)
+    except RequestEntityTooLarge:
+        raise too_large(max_size) from None
+    except (ClientDisconnected, OSError) as error:
+        # The client went away or the chunked framing broke.
+        raise ApiError(400, "Upload cut off before the end of the body") from error
+
+
+def write_or_507(out, chunk):
+    """Write to the store's disk; a full disk is the server's 507, not a crash."""
+    view = memoryview(chunk)
+    try:
+        while view:  # an unbuffered write may take only part of the chunk
+            view = view[out.write(view):]
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ApiError(507, "Insufficient Storage: the image store is full") from error
+        raise

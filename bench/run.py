@@ -1,0 +1,932 @@
+#!/usr/bin/env python3
+"""Benchmarks: imagestore next to nginx and a Docker registry, on loopback, in one run.
+
+Start with `bench/run` (it installs nginx, docker-registry, wrk and matplotlib when missing).
+Everything measured is started here on 127.0.0.1 and stopped at the end; files go to a
+temporary folder that is removed afterwards. Results: a table of ratios on stdout, and
+bench/out/results.json, bench/out/report.md and bench/out/throughput.png (`--record` also
+copies the chart to docs/benchmarks-throughput.png).
+
+Each transfer figure is the median of several repetitions (with min and max), taken in
+turns between the servers; before each timed transfer the dirty pages are synced and a file
+of the same size is written and deleted, so that every server writes into warm page cache
+(see FACTS.md, "Measuring here").
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from datetime import datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+DOCS_CHART = ROOT / "docs" / "benchmarks-throughput.png"
+sys.path.insert(0, str(ROOT))  # the project's modules, for inspection and the list page
+MiB = 1 << 20
+GiB = 1 << 30
+TOOLS = ("curl", "qemu-img", "nginx", "docker-registry", "wrk")
+SERVERS = ("imagestore", "nginx", "registry")
+
+
+# ---------------------------------------------------------------- settings
+
+
+def settings(args):
+    """Sizes, repetitions and durations for a full or a --quick run."""
+    if args.quick:
+        return {"sizes": [8 * MiB, 32 * MiB], "reps": args.reps or 1, "list_sizes": (1000, 5000),
+                "wrk_seconds": 1, "wrk_reps": 1, "inspect_reps": 3}
+    return {"sizes": [16 * MiB, 64 * MiB, 256 * MiB, GiB], "reps": args.reps or 5,
+            "list_sizes": (1000, 100_000), "wrk_seconds": 5, "wrk_reps": 3, "inspect_reps": 9}
+
+
+def human_size(n):
+    """16 MiB, 1 GiB."""
+    return f"{n // GiB} GiB" if n >= GiB and n % GiB == 0 else f"{n // MiB} MiB"
+
+
+def cfg_size(nbytes):
+    """The nominal size (16 MiB, 1 GiB) of a test file that is just under it."""
+    return -(-nbytes // MiB) * MiB
+
+
+def spread(values):
+    """(median, min, max) of some measurements."""
+    return statistics.median(values), min(values), max(values)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url, process, timeout=30):
+    """Wait until url answers at all (any HTTP status); fail if process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer in {timeout} s")
+
+
+def stop(process):
+    """Stop a server we started (by its own process object) and wait for it."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def start_imagestore(work, stack):
+    """gunicorn with the project's gunicorn.conf.py, 2 workers, instance in work/instance."""
+    instance = work / "instance"
+    port = free_port()
+    venv_bin = Path(sys.executable).parent
+    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1",
+           "IMAGESTORE_INSTANCE": str(instance), "WEB_CONCURRENCY": "2",
+           "PATH": f"{venv_bin}:{os.environ['PATH']}"}
+    for name in ("DATABASE_URL", "STORAGE_URL", "PUBLIC_URL", "SECRET_KEY"):
+        env.pop(name, None)
+    log = open(OUT / "gunicorn.log", "wb")  # noqa: SIM115 - closed with the stack
+    stack.callback(log.close)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--pythonpath", str(ROOT / "bench"), "benchwsgi:app"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    stack.callback(stop, process)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/_bench/trivial", process)
+    return {"url": url, "process": process, "env": env, "instance": instance}
+
+
+def flask_cli(server, *args):
+    """Run an admin command against the benchmark's instance; return its output."""
+    result = subprocess.run([sys.executable, "-m", "flask", "--app", "app", *args], cwd=ROOT,
+                            env=server["env"], check=True, capture_output=True, text=True)
+    return result.stdout.strip()
+
+
+NGINX_CONF = """\
+{user}worker_processes 2;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {dir}/files;
+        client_max_body_size 0;
+        location /dav/ {{
+            dav_methods PUT DELETE;
+            create_full_put_path on;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(work, stack):
+    """nginx with its own config: static files and WebDAV PUT into work/nginx/files/dav."""
+    folder = work / "nginx"
+    (folder / "files" / "dav").mkdir(parents=True)
+    port = free_port()
+    # Workers run as root only when we are root: they must write into our private folder.
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf = folder / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(user=user, dir=folder, port=port))
+    process = subprocess.Popen(
+        ["nginx", "-p", str(folder), "-e", str(folder / "error.log"), "-c", str(conf),
+         "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stack.callback(stop, process)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/", process)
+    return {"url": url, "process": process, "files": folder / "files" / "dav"}
+
+
+REGISTRY_CONF = """\
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {dir}/storage
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:{port}
+"""
+
+
+def start_registry(work, stack):
+    """Debian's docker-registry, filesystem storage in work/registry, no cache, no auth."""
+    folder = work / "registry"
+    folder.mkdir()
+    port = free_port()
+    conf = folder / "config.yml"
+    conf.write_text(REGISTRY_CONF.format(dir=folder, port=port))
+    process = subprocess.Popen(["docker-registry", "serve", str(conf)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stack.callback(stop, process)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/v2/", process)
+    return {"url": url, "process": process, "storage": folder / "storage"}
+
+
+def children(pid):
+    """A server's worker processes: the children of its master."""
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+# ---------------------------------------------------------------- files and cache
+
+
+def make_qcow2(path, size):
+    """A qcow2 file just under `size` bytes, full of random data (nothing compresses or skips).
+
+    Just under: curl's --data-binary reads the file into memory and refuses more than 1 GiB.
+    """
+    raw = path.with_suffix(".raw")
+    block = os.urandom(MiB)
+    with open(raw, "wb") as f:
+        for n in range(size // MiB - 1):  # one MiB left for the qcow2 header and tables
+            f.write(block if n % 2 else os.urandom(MiB))
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)],
+                   check=True)
+    raw.unlink()
+    return path
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def warm_page_cache(work, size):
+    """Flush dirty pages, then write and delete `size` bytes: the next writes find warm pages."""
+    os.sync()
+    path = work / "warm.tmp"
+    block = bytes(MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(-(-size // MiB)):
+            os.write(fd, block)
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def disk_limit(work, size):
+    """Seconds to write `size` bytes into warm cache and fsync them: a durable store's floor."""
+    warm_page_cache(work, size)
+    path = work / "disk.tmp"
+    block = os.urandom(MiB)
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    for _ in range(size // MiB):
+        os.write(fd, block)
+    os.fsync(fd)
+    os.close(fd)
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    return elapsed
+
+
+# ---------------------------------------------------------------- transfers
+
+
+def curl(*args, out="/dev/null", headers_file=None):
+    """Run curl; return (status, seconds, bytes received) from curl's own count and timer.
+
+    `Expect:` turns off curl's 100-continue wait for large bodies, for every server alike.
+    """
+    cmd = ["curl", "-sS", "-o", out, "-w", "%{http_code} %{time_total} %{size_download}",
+           "-H", "Expect:"]
+    if headers_file:
+        cmd += ["-D", str(headers_file)]
+    result = subprocess.run([*cmd, *args], check=False, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"curl {' '.join(map(str, args))}: {result.stderr.strip()}")
+    status, seconds, received = result.stdout.split()
+    return int(status), float(seconds), int(received)
+
+
+def expect(status, wanted, what):
+    if status not in wanted:
+        raise RuntimeError(f"{what}: HTTP {status}")
+
+
+class Imagestore:
+    """Upload, download and delete through imagestore's API."""
+
+    name = "imagestore"
+
+    def __init__(self, server, token, work):
+        self.server, self.work = server, work
+        self.auth = f"Authorization: Bearer {token}"
+        self.last = None
+        self.count = 0
+
+    def pids(self):
+        return children(self.server["process"].pid)
+
+    def upload(self, path, digest):
+        self.count += 1
+        reply = self.work / "reply.json"
+        url = f"{self.server['url']}/images?name=bench-{self.count}"
+        status, seconds, _ = curl("-H", self.auth, "--data-binary", f"@{path}", url, out=reply)
+        expect(status, (201,), f"imagestore upload {reply.read_text()[:200]}")
+        self.last = json.loads(reply.read_text())["id"]
+        return seconds, path.stat().st_size
+
+    def download(self):
+        status, seconds, nbytes = curl("-H", self.auth, "-H", "Accept: application/octet-stream",
+                               f"{self.server['url']}/images/{self.last}")
+        expect(status, (200,), "imagestore download")
+        return seconds, nbytes
+
+    def remove(self):
+        if self.last is not None:
+            status, _, _ = curl("-X", "DELETE", "-H", self.auth,
+                             f"{self.server['url']}/images/{self.last}")
+            expect(status, (204,), "imagestore delete")
+            self.last = None
+
+
+class Nginx:
+    """WebDAV PUT and static GET."""
+
+    name = "nginx"
+
+    def __init__(self, server):
+        self.server = server
+        self.count = 0
+
+    def pids(self):
+        return [self.server["process"].pid, *children(self.server["process"].pid)]
+
+    def upload(self, path, digest):
+        self.count += 1
+        status, seconds, _ = curl("-X", "PUT", "--data-binary", f"@{path}", self.url())
+        expect(status, (201, 204), "nginx PUT")
+        return seconds, path.stat().st_size
+
+    def url(self):
+        return f"{self.server['url']}/dav/bench-{self.count}.qcow2"
+
+    def download(self):
+        status, seconds, nbytes = curl(self.url())
+        expect(status, (200,), "nginx GET")
+        return seconds, nbytes
+
+    def remove(self):
+        for leftover in self.server["files"].iterdir():
+            leftover.unlink()
+
+
+class Registry:
+    """A blob upload as docker push makes it (POST, then one PUT with the digest), blob GET."""
+
+    name = "registry"
+
+    def __init__(self, server, work):
+        self.server, self.work = server, work
+        self.digest = None
+
+    def pids(self):
+        return [self.server["process"].pid]
+
+    def upload(self, path, digest):
+        headers = self.work / "headers.txt"
+        start = f"{self.server['url']}/v2/bench/blobs/uploads/"
+        status, start_seconds, _ = curl("-X", "POST", start, headers_file=headers)
+        expect(status, (202,), "registry upload start")
+        location = re.search(r"^location:\s*(\S+)", headers.read_text(), re.I | re.M).group(1)
+        if location.startswith("/"):
+            location = self.server["url"] + location
+        separator = "&" if "?" in location else "?"
+        status, seconds, _ = curl("-X", "PUT", "-H", "Content-Type: application/octet-stream",
+                               "--data-binary", f"@{path}",
+                               f"{location}{separator}digest=sha256:{digest}")
+        expect(status, (201,), "registry upload")
+        self.digest = digest
+        return start_seconds + seconds, path.stat().st_size
+
+    def download(self):
+        status, seconds, nbytes = curl(f"{self.server['url']}/v2/bench/blobs/sha256:{self.digest}")
+        expect(status, (200,), "registry blob GET")
+        return seconds, nbytes
+
+    def remove(self):
+        # Without this the registry sees the blob is there and skips storing the next one.
+        shutil.rmtree(self.server["storage"] / "docker" / "registry" / "v2" / "blobs",
+                      ignore_errors=True)
+
+
+class RssWatch:
+    """Peak RSS growth of gunicorn's workers while a block runs (VmHWM reset, else sampled)."""
+
+    def __init__(self, pids):
+        self.pids = pids
+
+    def __enter__(self):
+        self.before = {pid: self.status(pid, "VmRSS") for pid in self.pids}
+        self.reset = all(self.reset_peak(pid) for pid in self.pids)
+        self.peak = dict(self.before)
+        self.running = True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        if self.reset:
+            for pid in self.pids:
+                self.peak[pid] = max(self.peak[pid], self.status(pid, "VmHWM"))
+        self.growth = max(self.peak[pid] - self.before[pid] for pid in self.pids)
+
+    def sample(self):
+        while self.running:
+            for pid in self.pids:
+                self.peak[pid] = max(self.peak[pid], self.status(pid, "VmRSS"))
+            time.sleep(0.005)
+
+    @staticmethod
+    def status(pid, field):
+        """A /proc/PID/status field in bytes."""
+        text = Path(f"/proc/{pid}/status").read_text()
+        return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) * 1024
+
+    @staticmethod
+    def reset_peak(pid):
+        try:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True
+
+
+def cpu_seconds(pids):
+    """User + system CPU time used so far by these processes (all their threads)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def timed(client, action, args, results, way, watch_memory):
+    """Run one transfer; note its rate, the server's CPU per GiB and (maybe) memory growth."""
+    pids = client.pids()
+    before = cpu_seconds(pids)
+    with RssWatch(pids) if watch_memory else contextlib.nullcontext() as watch:
+        seconds, nbytes = action(*args)
+    results[way].append(nbytes / seconds)
+    results[f"{way}_cpu"].append((cpu_seconds(pids) - before) / nbytes * GiB)
+    if watch_memory:
+        results[f"{way}_memory"].append(watch.growth)
+
+
+def bench_transfers(cfg, work, clients):
+    """Upload and download each size with each server, in turns.
+
+    Returns, per size and server, the lists of rates (bytes/s), server CPU seconds per GiB
+    and, for imagestore at the largest size, the workers' peak RSS growth.
+    """
+    results = {"sizes": [], "servers": {c.name: [] for c in clients}, "disk_fsync": []}
+    for size in cfg["sizes"]:
+        path = make_qcow2(work / f"bench-{size}.qcow2", size)
+        digest = sha256_file(path)
+        nbytes = path.stat().st_size
+        results["sizes"].append(nbytes)
+        print(f"  {human_size(size)} ({nbytes} bytes)", flush=True)
+        runs = {c.name: {k: [] for k in ("upload", "download", "upload_cpu", "download_cpu",
+                                         "upload_memory", "download_memory")} for c in clients}
+        last_size = size == cfg["sizes"][-1]
+        for rep in range(cfg["reps"]):
+            # Take turns: each server goes first in some repetitions.
+            order = clients[rep % len(clients):] + clients[:rep % len(clients)]
+            for client in order:
+                client.remove()
+                warm_page_cache(work, nbytes)
+                watch = last_size and client.name == "imagestore"
+                timed(client, client.upload, (path, digest), runs[client.name], "upload", watch)
+            for client in order:
+                warm_page_cache(work, nbytes)
+                watch = last_size and client.name == "imagestore"
+                timed(client, client.download, (), runs[client.name], "download", watch)
+            line = "  ".join(f"{n} up {r['upload'][-1] / MiB:.0f} down "
+                             f"{r['download'][-1] / MiB:.0f}" for n, r in runs.items())
+            print(f"    rep {rep + 1}: {line} MiB/s", flush=True)
+        for client in clients:
+            client.remove()
+            results["servers"][client.name].append(runs[client.name])
+        results["disk_fsync"].append([nbytes / disk_limit(work, size) for _ in range(3)])
+        path.unlink()
+    return results
+
+
+# ---------------------------------------------------------------- inspection
+
+
+def bench_inspection(cfg, work):
+    """Time qcow2.inspect_qcow2 on a 16 MiB- and a 16 GiB-virtual image (and one with data)."""
+    import qcow2
+
+    images = {}
+    for label, size in (("16 MiB virtual", "16M"), ("16 GiB virtual", "16G")):
+        path = work / f"inspect-{size}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True)
+        images[label] = path
+    data_size = cfg["sizes"][-1]
+    images[f"{human_size(data_size)} of data"] = make_qcow2(work / "inspect-data.qcow2", data_size)
+    times = {}
+    for label, path in images.items():
+        qcow2.inspect_qcow2(str(path), 2 << 40)  # one untimed run: page cache, imports
+        runs = []
+        for _ in range(cfg["inspect_reps"]):
+            start = time.perf_counter()
+            qcow2.inspect_qcow2(str(path), 2 << 40)
+            runs.append(time.perf_counter() - start)
+        times[label] = runs
+        path.unlink()
+    return times
+
+
+# ---------------------------------------------------------------- list page
+
+
+def seed_accounts():
+    """bench's namespaces; `other`, who shares one namespace with bench; `few`, who owns 1 in
+    100 of the images. Returns the users, the namespaces, and a token of few's."""
+    from auth import issue_token
+    from models import Collaborator, User, db
+    from namespaces import ensure_namespace
+
+    users = {"bench": User.get(User.username == "bench")}
+    for name in ("other", "few"):
+        users[name] = User.create(username=name, email=f"{name}@example.com")
+    with db.atomic():
+        namespaces = {f"proj{k}": ensure_namespace(users["bench"], (f"proj{k}",))
+                      for k in range(1, 9)}
+        namespaces["shared"] = ensure_namespace(users["other"], ("shared",))
+        namespaces["private"] = ensure_namespace(users["other"], ("private",))
+        namespaces["few"] = ensure_namespace(users["few"], ("mine",))
+        Collaborator.create(namespace=namespaces["shared"], user=users["bench"])
+    return users, namespaces, issue_token(users["few"], {"image:read"})
+
+
+def seed_images(start, stop, users, namespaces, base_time):
+    """Insert rows for bench's listed images start..stop-1 directly (no files: a list never
+    opens them), with the other users' images between them.
+
+    bench owns eight in nine, in its own namespaces; one in nine is in other's namespace that
+    bench collaborates on. For every ten of these, other has one more in a private namespace
+    that bench must not see; for every hundred, few has one.
+    """
+    from models import Image, db
+
+    def row(key, owner, author, ns):
+        return {"author": author, "user": owner, "namespace": ns, "name": key,
+                "storage_key": f"bench-{key}", "size": 200 * MiB, "virtual_size": 8 * GiB,
+                "sha256": hashlib.sha256(key.encode()).hexdigest(),
+                "created_at": base_time + timedelta(seconds=i)}
+
+    bench, other, few = users["bench"], users["other"], users["few"]
+    rows = []
+    for i in range(start, stop):
+        if i % 9 == 0:
+            rows.append(row(f"img{i}", other, bench, namespaces["shared"]))
+        else:
+            rows.append(row(f"img{i}", bench, bench, namespaces[f"proj{i % 9}"]))
+        if i % 10 == 5:
+            rows.append(row(f"private{i}", other, other, namespaces["private"]))
+        if i % 100 == 50:
+            rows.append(row(f"few{i}", few, few, namespaces["few"]))
+    with db.atomic():
+        for batch in range(0, len(rows), 1000):
+            Image.insert_many(rows[batch:batch + 1000]).execute()
+
+
+def count_statements(app, token, path):
+    """SQL statements one request runs, counted by SQLite's own trace hook on a new connection."""
+    from models import db
+
+    database = db.obj
+    statements = []
+    original = database._add_conn_hooks
+
+    def hooked(conn):
+        conn.set_trace_callback(statements.append)
+        original(conn)
+
+    client = app.test_client()
+    headers = {"Authorization": f"Bearer {token}"}
+    for close in (getattr(database, "close_all", None), database.close):
+        if close and not database.is_closed():
+            close()
+    database._add_conn_hooks = hooked
+    try:
+        response = client.get(path, headers=headers)
+    finally:
+        database._add_conn_hooks = original
+    if response.status_code != 200 or len(response.json) != 25:
+        raise RuntimeError(f"list page: {response.status_code} {str(response.json)[:200]}")
+    queries = [s for s in statements if not s.lstrip().upper().startswith("PRAGMA")]
+    return {"queries": len(queries), "pragmas": len(statements) - len(queries),
+            "statements": statements}
+
+
+UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def wrk(url, token, connections, seconds):
+    """Requests/s and median latency from wrk."""
+    threads = min(2, connections)
+    result = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
+         "-H", f"Authorization: Bearer {token}", url],
+        check=True, capture_output=True, text=True)
+    text = result.stdout
+    if "Non-2xx" in text or "Socket errors" in text:
+        raise RuntimeError(f"wrk saw errors on {url}:\n{text}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    value, unit = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)", text, re.M).groups()
+    return rps, float(value) * UNITS[unit]
+
+
+def bench_list(cfg, server, token):
+    """Requests/s of the list page against the trivial route; latency of pages 1 and 40 as the
+    store grows; SQL statements per list request."""
+    from app import create_app
+
+    app = create_app(instance_path=str(server["instance"]))
+    with app.app_context():
+        users, namespaces, few_token = seed_accounts()
+    results = {"rps": {}, "latency": {}, "sql": {}}
+    seeded = 0
+    seconds, reps = cfg["wrk_seconds"], cfg["wrk_reps"]
+    trivial = f"{server['url']}/_bench/trivial"
+    for total in cfg["list_sizes"]:
+        with app.app_context():
+            seed_images(seeded, total, users, namespaces, datetime(2020, 1, 1))
+        seeded = total
+        print(f"  bench sees {total} images", flush=True)
+        with app.app_context():
+            results["sql"][str(total)] = {
+                str(page): count_statements(app, token, f"/images?page={page}")
+                for page in (1, 40)}
+        wrk(f"{server['url']}/images", token, 1, 1)  # warm up: caches, connections
+        lists = [("bench", token)]
+        if total == cfg["list_sizes"][-1]:
+            lists.append(("few", few_token))  # 1 in 100 of the store's images
+        for who, secret in lists:
+            for page in (1, 40):
+                url = f"{server['url']}/images?page={page}"
+                results["latency"][f"{who}/{total}/{page}"] = [wrk(url, secret, 1, seconds)[1]
+                                                                for _ in range(reps)]
+        runs = {"trivial": [], "list": []}
+        for _ in range(reps):
+            runs["trivial"].append(wrk(trivial, token, 8, seconds)[0])
+            runs["list"].append(wrk(f"{server['url']}/images?page=1", token, 8, seconds)[0])
+        results["rps"][str(total)] = runs
+    return results
+
+
+# ---------------------------------------------------------------- report
+
+
+def machine():
+    """What the figures were measured on."""
+    cpu = next((line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    total = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+    versions = {}
+    for tool, cmd in (("nginx", ["nginx", "-v"]), ("docker-registry", ["docker-registry",
+                      "--version"]), ("curl", ["curl", "--version"]), ("wrk", ["wrk", "-v"])):
+        out = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        versions[tool] = " ".join((out.stdout + out.stderr).split()[:3])
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(total / (1 << 20), 1),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "versions": versions}
+
+
+def fmt_rate(values):
+    med, lo, hi = spread(values)
+    return f"{med / MiB:.0f} MiB/s ({lo / MiB:.0f}-{hi / MiB:.0f})"
+
+
+def fmt_ms(values):
+    med, lo, hi = spread(values)
+    return f"{med * 1e3:.2f} ms ({lo * 1e3:.2f}-{hi * 1e3:.2f})"
+
+
+def fmt_cpu(values):
+    med, lo, hi = spread(values)
+    return f"{med:.2f} s ({lo:.2f}-{hi:.2f})"
+
+
+def ratio(a, b):
+    return statistics.median(a) / statistics.median(b)
+
+
+def verdict(ok):
+    return "met" if ok else "**missed**"
+
+
+def transfer_rows(tr):
+    """Rows for the largest file: rates, server CPU, memory, and the disk's own limit."""
+    size = human_size(cfg_size(tr["sizes"][-1]))
+    mine, ngx, reg = (tr["servers"][n][-1] for n in SERVERS)
+    rows = []
+    for way, verb, nginx_goal, reg_goal in (
+            ("upload", "`POST /images`", 0.9, 1.0), ("download", "`GET /images/:id`", 0.95, None)):
+        what = {"upload": ("nginx `PUT` (dav)", "registry blob upload"),
+                "download": ("nginx static `GET`", "registry blob `GET`")}[way]
+        r = ratio(mine[way], ngx[way])
+        rows.append((f"{way} {size}, {verb}", fmt_rate(mine[way]),
+                     f"{what[0]}: {fmt_rate(ngx[way])}", f"{r:.2f}",
+                     f"≥ {nginx_goal:.2f}: {verdict(r >= nginx_goal)}"))
+        r = ratio(mine[way], reg[way])
+        rows.append((f"{way} {size}, {verb}", fmt_rate(mine[way]),
+                     f"{what[1]}: {fmt_rate(reg[way])}", f"{r:.2f}",
+                     f"> 1: {verdict(r > 1)}" if reg_goal else "—"))
+        cpu = f"{way}_cpu"
+        rows.append((f"server CPU per GiB, {way}", fmt_cpu(mine[cpu]),
+                     f"nginx: {fmt_cpu(ngx[cpu])}; registry: {fmt_cpu(reg[cpu])}",
+                     f"{ratio(mine[cpu], ngx[cpu]):.2f}", "—"))
+        if way == "upload":
+            disk = tr["disk_fsync"][-1]
+            rows.append((f"upload {size}: the disk's limit", fmt_rate(mine[way]),
+                         f"write + fsync of a file: {fmt_rate(disk)}",
+                         f"{ratio(mine[way], disk):.2f}", "—"))
+    for way in ("upload", "download"):
+        med, lo, hi = spread(mine[f"{way}_memory"])
+        rows.append((f"worker peak RSS growth, {way} {size}",
+                     f"{med / MiB:.1f} MiB ({lo / MiB:.1f}-{hi / MiB:.1f})", "—", "—",
+                     f"< 32 MiB: {verdict(hi < 32 * MiB)}"))
+    return rows
+
+
+def inspection_rows(ins):
+    labels = list(ins)
+    small, big, data = (ins[label] for label in labels)
+    r = ratio(big, small)
+    return [("inspection (`inspect_qcow2`), 16 GiB virtual", fmt_ms(big),
+             f"16 MiB virtual: {fmt_ms(small)}", f"{r:.2f}", f"≈ 1 (≤ 1.5): {verdict(r <= 1.5)}"),
+            (f"inspection, {labels[2]}", fmt_ms(data), f"16 MiB virtual: {fmt_ms(small)}",
+             f"{ratio(data, small):.2f}", "—")]
+
+
+def list_rows(ls):
+    small, big = ls["rps"]
+    rows = []
+    for n in (small, big):
+        runs = ls["rps"][n]
+        rows.append((f"list page 1, bench sees {n} images: req/s (wrk -c8)",
+                     "{:.0f} ({:.0f}-{:.0f})".format(*spread(runs["list"])),
+                     "trivial JSON route: {:.0f} ({:.0f}-{:.0f})".format(
+                         *spread(runs["trivial"])),
+                     f"{ratio(runs['list'], runs['trivial']):.2f}", "—"))
+    for page in ("1", "40"):
+        s = ls["sql"][big][page]
+        total = s["queries"] + s["pragmas"]
+        rows.append((f"SQL statements per list request, page {page}",
+                     f"{total}: {s['queries']} queries + {s['pragmas']} connection PRAGMAs", "—",
+                     "—", f"≤ 4: {verdict(total <= 4)}"))
+    lat = ls["latency"]
+    for page in ("1", "40"):
+        a, b = lat[f"bench/{small}/{page}"], lat[f"bench/{big}/{page}"]
+        r = ratio(b, a)
+        rows.append((f"list page {page} latency (wrk -c1, median), bench sees {big}",
+                     fmt_ms(b), f"bench sees {small}: {fmt_ms(a)}", f"{r:.2f}",
+                     f"≤ 1.5: {verdict(r <= 1.5)}" if page == "1" else "—"))
+    for page in ("1", "40"):
+        a, b = lat[f"bench/{small}/{page}"], lat[f"few/{big}/{page}"]
+        rows.append((f"list page {page} latency, `few` sees {int(big) // 100} of the "
+                     f"{int(big) * 112 // 100} images", fmt_ms(b),
+                     f"bench sees {small}: {fmt_ms(a)}", f"{ratio(b, a):.2f}", "—"))
+    return rows
+
+
+def table(results):
+    """The markdown table of figures, references, ratios and goals."""
+    rows = []
+    if "transfers" in results:
+        rows += transfer_rows(results["transfers"])
+    if "inspection" in results:
+        rows += inspection_rows(results["inspection"])
+    if "list" in results:
+        rows += list_rows(results["list"])
+    head = "| figure | imagestore | reference | ratio | goal |\n| --- | --- | --- | --- | --- |\n"
+    return head + "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
+
+
+def throughput_table(tr):
+    """Median MiB/s of each server at each size."""
+    lines = ["| file size | " + " | ".join(f"{n} up" for n in SERVERS) + " | "
+             + " | ".join(f"{n} down" for n in SERVERS) + " |",
+             "| --- " * (1 + 2 * len(SERVERS)) + "|"]
+    for i, size in enumerate(tr["sizes"]):
+        cells = [f"{statistics.median(tr['servers'][n][i][way]) / MiB:.0f}"
+                 for way in ("upload", "download") for n in SERVERS]
+        lines.append(f"| {human_size(cfg_size(size))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(tr, path):
+    """Throughput against file size, upload and download, for the three servers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    sizes = [s / MiB for s in tr["sizes"]]
+    for ax, way in zip(axes, ("upload", "download"), strict=True):
+        for name, marker in zip(SERVERS, "osd", strict=True):
+            runs = [by_size[way] for by_size in tr["servers"][name]]
+            med = [statistics.median(r) / MiB for r in runs]
+            low = [m - min(r) / MiB for m, r in zip(med, runs, strict=True)]
+            high = [max(r) / MiB - m for m, r in zip(med, runs, strict=True)]
+            ax.errorbar(sizes, med, yerr=[low, high], marker=marker, capsize=3, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [human_size(cfg_size(int(s * MiB))) for s in sizes])
+        ax.set_title(f"{way} (curl, loopback; median, min-max)")
+        ax.set_xlabel("file size")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("MiB/s")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(results, command):
+    """The markdown that docs/benchmarks.md records."""
+    m = results["machine"]
+    parts = [f"Command: `{command}`  \n",
+             f"Run: {results['started']}, {results['seconds']:.0f} s; load average before "
+             f"{results['loadavg_before']}, after {results['loadavg_after']}  \n",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux "
+             f"{m['kernel']}, Python {m['python']}  \n",
+             "Tools: " + "; ".join(m["versions"].values()) + "\n\n", table(results)]
+    if "transfers" in results:
+        parts += ["\nThroughput in MiB/s (median) by file size:\n\n",
+                  throughput_table(results["transfers"])]
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, 1 repetition")
+    parser.add_argument("--reps", type=int, help="repetitions of each transfer")
+    parser.add_argument("--sizes", help="file sizes to transfer, e.g. 64M,1G (the last one is "
+                        "the size of the table's figures)")
+    parser.add_argument("--only", choices=("transfers", "inspection", "list"), action="append",
+                        help="run only these parts (repeatable)")
+    parser.add_argument("--record", action="store_true",
+                        help="also write the chart to " + str(DOCS_CHART.relative_to(ROOT)))
+    args = parser.parse_args()
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        sys.exit(f"missing {', '.join(missing)}: run bench/run, which installs them")
+    cfg = settings(args)
+    if args.sizes:
+        from config import parse_size
+
+        cfg["sizes"] = [parse_size(size) for size in args.sizes.split(",")]
+    for name in ("DATABASE_URL", "STORAGE_URL", "PUBLIC_URL", "SECRET_KEY"):
+        os.environ.pop(name, None)  # the benchmark's own instance, never a configured one
+    parts = args.only or ["transfers", "inspection", "list"]
+    command = "bench/run" + "".join(f" {a}" for a in sys.argv[1:])
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = {"started": datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+               "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
+               "machine": machine(), "settings": cfg}
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="imagestore-bench-") as tmp, \
+            contextlib.ExitStack() as stack:
+        work = Path(tmp)
+        print(f"starting imagestore, nginx and docker-registry on 127.0.0.1 (files in {work})",
+              flush=True)
+        store = start_imagestore(work, stack)
+        flask_cli(store, "user", "create", "bench", "bench@example.com")
+        token = flask_cli(store, "token", "create", "bench", "--scope",
+                          "image:read,write,delete")
+        if "transfers" in parts:
+            nginx, registry = start_nginx(work, stack), start_registry(work, stack)
+            clients = [Imagestore(store, token, work), Nginx(nginx), Registry(registry, work)]
+            print("transfers (upload and download, MiB/s)", flush=True)
+            results["transfers"] = bench_transfers(cfg, work, clients)
+        if "inspection" in parts:
+            print("inspection", flush=True)
+            results["inspection"] = bench_inspection(cfg, work)
+        if "list" in parts:
+            print("list page", flush=True)
+            results["list"] = bench_list(cfg, store, token)
+    results["seconds"] = time.monotonic() - began
+    results["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    (OUT / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    text = report(results, command)
+    (OUT / "report.md").write_text(text)
+    if "transfers" in results:
+        chart(results["transfers"], OUT / "throughput.png")
+        if args.record:
+            shutil.copyfile(OUT / "throughput.png", DOCS_CHART)
+    print()
+    print(text)
+    print(f"written: {OUT.relative_to(ROOT)}/results.json, report.md"
+          + (", throughput.png" if "transfers" in results else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,7 @@
 """The rules about images: who sees which, listing, creating and deleting, and their JSON."""
 
+import functools
+import operator
 import re
 from datetime import UTC
 
@@ -78,19 +80,51 @@ def parse_page(value):
     return int(value) if value and value.isdigit() and int(value) >= 1 else 1
 
 
-def list_images(user, search, page):
-    """One page of the images user owns or collaborates on; returns (images, has_next)."""
-    shared_roots = Collaborator.select(Collaborator.namespace).where(Collaborator.user == user.id)
-    query = _with_relations().where(
-        (Image.user == user.id) | Namespace.root.in_(shared_roots)
-    )
+# SQLite allows 500 terms in a compound SELECT; past this many shared namespaces, they are
+# read in one term (sorting all their images) instead of one index walk each.
+MAX_NAMESPACE_TERMS = 200
+
+
+def _newest_first(query, search, count):
+    """The ids and times of the newest `count` images of query, as a term of a UNION."""
     if search:
         query = query.where(_name_contains(search))
-    rows = list(
-        query.order_by(Image.created_at.desc(), Image.id.desc())
-        .limit(PAGE_SIZE + 1)
-        .offset((page - 1) * PAGE_SIZE)
-    )
+    query = query.order_by(Image.created_at.desc(), Image.id.desc()).limit(count)
+    return query.select_from(query.c.id, query.c.created_at)
+
+
+def _shared_namespace_ids(user):
+    """Ids of the namespaces under the roots that user collaborates on."""
+    return [ns_id for (ns_id,) in (
+        Namespace.select(Namespace.id)
+        .join(Collaborator, on=(Collaborator.namespace == Namespace.root))
+        .where(Collaborator.user == user.id).tuples())]
+
+
+def list_images(user, search, page):
+    """One page of the images user owns or collaborates on; returns (images, has_next).
+
+    The page's ids come from a union of index walks, each cut to what the page can need:
+    the newest images the user owns (index user, created_at, id) and the newest in each
+    namespace shared with them (index namespace, created_at, id). One scan of all images
+    filtered by "owned or shared" cost time in proportion to the whole store instead.
+    Two queries: the shared namespaces, then the page's images with their relations.
+    """
+    offset = (page - 1) * PAGE_SIZE
+    count = offset + PAGE_SIZE + 1
+    columns = (Image.id, Image.created_at)
+    terms = [Image.select(*columns).where(Image.user == user.id)]
+    shared = _shared_namespace_ids(user)
+    if len(shared) > MAX_NAMESPACE_TERMS:
+        terms.append(Image.select(*columns).where(Image.namespace.in_(shared)))
+    else:
+        terms += [Image.select(*columns).where(Image.namespace == ns_id) for ns_id in shared]
+    union = functools.reduce(operator.or_, (_newest_first(t, search, count) for t in terms))
+    page_ids = (union.order_by(SQL("2 DESC"), SQL("1 DESC"))
+                .limit(PAGE_SIZE + 1).offset(offset)).alias("page_ids")
+    rows = list(_with_relations()
+                .join_from(Image, page_ids, on=(Image.id == page_ids.c.id))
+                .order_by(Image.created_at.desc(), Image.id.desc()))
     return rows[:PAGE_SIZE], len(rows) > PAGE_SIZE
 
 

@@ -108,6 +108,7 @@ class Image(BaseModel):
         indexes = (
             (("namespace", "name"), True),
             (("user", "created_at", "id"), False),
+            (("namespace", "created_at", "id"), False),
         )
 
 

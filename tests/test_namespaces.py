@@ -141,4 +141,6 @@ def test_list_shows_namespaces_of_owner_and_collaborations_with_few_queries(
         Database.execute_sql = original
     assert {i["name"] for i in response.json} == {"teamimg", "bobs"}
     assert response.json[1]["namespace"]["user"]["username"] == "alice"
-    assert len(queries) <= 2  # the token with its user, then one page with every relation
+    # The token with its user, the namespaces shared with bob, then one page with every
+    # relation (the shared namespaces are walked one index each: docs/benchmarks.md).
+    assert len(queries) <= 3

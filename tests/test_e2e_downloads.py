@@ -264,6 +264,19 @@ def test_qemu_img_convert_reads_a_link(server, alice, data_image, tmp_path):
     assert out.read_bytes() == raw
 
 
+def test_local_overlay_backed_by_a_link_reads_through_it(server, alice, data_image, tmp_path):
+    """How a QEMU host boots from the store: guest writes stay local, reads go to the link."""
+    image, _, raw = data_image
+    url = make_link(server, alice, image)
+    overlay, out = tmp_path / "overlay.qcow2", tmp_path / "out.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", url,
+                    str(overlay)], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", str(overlay), "-c", "write -P 0xab 0 64k"],
+                   check=True, capture_output=True)
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(overlay), str(out)], check=True)
+    assert out.read_bytes() == b"\xab" * 65536 + raw[65536:]
+
+
 def test_qemu_img_is_refused_a_forged_link(server, alice, data_image):
     image, _, _ = data_image
     url = make_link(server, alice, image)

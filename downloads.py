@@ -133,11 +133,12 @@ def file_response(request, opener, *, size, mimetype, etag, last_modified, filen
     except ApiError as error:
         error.headers = {**headers, **error.headers}
         raise
-    status, (start, end) = (200, (0, size)) if span is None else (206, span)
+    start, end = span or (0, size)
     if span is not None:
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     body = [] if request.method == "HEAD" else _span(request.environ, opener, start, end)
-    response = Response(body, status, headers=headers, mimetype=mimetype, direct_passthrough=True)
+    response = Response(body, 206 if span else 200, headers=headers, mimetype=mimetype,
+                        direct_passthrough=True)
     response.content_length = end - start
     return response
 
@@ -146,8 +147,8 @@ class FileSpan:
     """An open file positioned at start that reads no further than end.
 
     fileno() and the file's position are what gunicorn's sendfile path uses (with
-    Content-Length as the count); read() bounds every other path, a WSGI server
-    without sendfile or gunicorn behind TLS, which would otherwise read on to EOF.
+    Content-Length as the count); read() bounds every other path (gunicorn serving
+    TLS itself, or another WSGI server), which would otherwise read on to EOF.
     """
 
     def __init__(self, file, start, end):
@@ -156,15 +157,18 @@ class FileSpan:
         self.left = end - start
 
     def fileno(self):
+        """The real descriptor, so that the server can sendfile from it."""
         return self.file.fileno()
 
     def read(self, size=-1):
+        """Up to size bytes, never past the span's end."""
         size = self.left if size < 0 else min(size, self.left)
         data = self.file.read(size)
         self.left -= len(data)
         return data
 
     def close(self):
+        """Close the file; the server calls this when the answer ends, cut off or not."""
         self.file.close()
 
 

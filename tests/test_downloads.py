@@ -37,11 +37,12 @@ def fetch(client, alice, image):
 
 
 def last_modified(image):
-    created = datetime.strptime(image["created_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    return created
+    """The image's upload time, which is its Last-Modified."""
+    return datetime.strptime(image["created_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 def etag(image):
+    """The strong ETag of the image's file: its sha256, quoted."""
     return f'"{image["sha256"]}"'
 
 

@@ -33,6 +33,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def alice(server):
+    """Bearer headers of a user made through the CLI."""
     return server.account("alice")
 
 
@@ -90,6 +91,7 @@ def big_image(server, alice, tmp_path_factory):
 
 
 def make_link(server, headers, image):
+    """A signed link to image, made over HTTP."""
     response, body = call(server, "POST", f"/images/{image['id']}/links", headers)
     assert response.status == 201, body
     return json.loads(body)["url"]

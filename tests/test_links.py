@@ -19,6 +19,7 @@ def image(upload, alice):
 
 
 def make_link(client, account, image_id, **query):
+    """POST /images/:id/links as account."""
     return client.post(f"/images/{image_id}/links", headers=account.headers, query_string=query)
 
 
@@ -30,6 +31,7 @@ def follow(client, url, method="GET", **headers):
 
 
 def expiry(created):
+    """The expires_at of a link answer, as an aware datetime."""
     return datetime.strptime(created.json["expires_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 

@@ -38,6 +38,7 @@ def alice(server):
 
 
 def connect(server, timeout=30):
+    """An HTTP connection to the server that sends bodies in 1 MiB pieces."""
     address = urlsplit(server.url)
     return http.client.HTTPConnection(address.hostname, address.port, timeout=timeout,
                                       blocksize=MiB)

@@ -18,9 +18,9 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, replace
 
-# 7.2 is the oldest release series that has the CVE-2024-4467 fix (7.2.13; also 8.2.6, 9.0.2):
-# since then `qemu-img info` no longer opens a qcow2's external data file, our second line of
-# defence behind the header check. 7.2 also reads every feature the header check lets through
+# 7.2 is the oldest release series with the CVE-2024-4467 fix (in 7.2.13, and in 9.1): since
+# then `qemu-img info` no longer opens a qcow2's external data file, so it stays a safe second
+# line behind the header check. 7.2 also reads every feature the header check lets through
 # (zstd compression from 5.1, extended L2 entries from 5.2), and FACTS.md was measured on it.
 MIN_QEMU_IMG_VERSION = (7, 2)
 

@@ -259,6 +259,35 @@ def test_relative_path_is_accepted(tmp_path, monkeypatch):
     assert qcow2.inspect_qcow2("rel,with=odd:chars.qcow2", LIMIT).virtual_size == 1 << 20
 
 
+class ReadRecorder:
+    """A stand-in for open() that records the size of every read."""
+
+    def __init__(self, sizes: list[int], *args):
+        self.sizes, self.args = sizes, args
+
+    def __enter__(self):
+        self.file = open(*self.args)  # closed in __exit__
+        return self
+
+    def __exit__(self, *exc_info):
+        self.file.close()
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def read(self, size: int = -1) -> bytes:
+        self.sizes.append(size)
+        return self.file.read(size)
+
+
+def test_only_the_start_of_the_file_is_read(tmp_path, monkeypatch):
+    """inspect_qcow2 reads one bounded piece of the upload in Python, never all of it."""
+    sizes: list[int] = []
+    monkeypatch.setattr(qcow2, "open", lambda *args: ReadRecorder(sizes, *args), raising=False)
+    qcow2.inspect_qcow2(str(images.with_data(tmp_path)), LIMIT)
+    assert sizes == [qcow2.HEADER_READ_SIZE]
+
+
 # --- qemu-img, second line of defence ----------------------------------------------------
 
 def test_http_backing_file_is_never_contacted(tmp_path, listener):

@@ -36,6 +36,8 @@ _ENV = {"LC_ALL": "C", "PATH": "/usr/local/bin:/usr/bin:/bin"}
 
 PREFIX = "File not a valid QCOW2 image: "
 _CONVERT = "convert it with `qemu-img convert -O qcow2 in.img out.qcow2`"
+_REMAKE = ("the file is damaged: upload it again, or make it anew from the source disk with "
+           "`qemu-img convert -O qcow2 source.img out.qcow2`")
 _FLATTEN = "make a self-contained copy with `qemu-img convert -O qcow2 in.qcow2 out.qcow2`"
 _REPAIR = "repair it with `qemu-img check -r all in.qcow2` (keep a copy first) and upload again"
 _DECRYPT = ("upload a decrypted copy made with `qemu-img convert --object secret,id=s0,file=KEY"
@@ -114,12 +116,9 @@ def _refuse(reason: str) -> ImageRefused:
 
 def _human(size: int) -> str:
     """A byte count in binary units, e.g. '2 TiB'."""
-    value, units = float(size), ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
-    for unit in units:
-        if value < 1024 or unit == units[-1]:
-            return f"{value:.1f}".removesuffix(".0") + " " + unit
-        value /= 1024
-    raise AssertionError("unreachable")
+    power = min(max(size.bit_length() - 1, 0) // 10, 6)
+    number = f"{size / 1024 ** power:.1f}".removesuffix(".0")
+    return f"{number} {('bytes', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB')[power]}"
 
 
 def _not_qcow2(data: bytes) -> ImageRefused:
@@ -134,7 +133,7 @@ def _not_qcow2(data: bytes) -> ImageRefused:
 
 def _truncated() -> ImageRefused:
     """Refusal for a header or header extension that runs past the data read."""
-    return _refuse("the header is truncated or damaged; upload the complete image again")
+    return _refuse(f"the header is truncated; {_REMAKE}")
 
 
 def read_qcow2_header(data: bytes, file_size: int, max_virtual_size: int) -> Qcow2Header:
@@ -155,23 +154,22 @@ def _parse_header(data: bytes) -> Qcow2Header:
         raise _not_qcow2(data)
     if len(data) < _V2_HEADER.size:
         raise _truncated()
-    header = Qcow2Header(*_V2_HEADER.unpack_from(data)[1:])
+    fields = _V2_HEADER.unpack_from(data)[1:]
+    header = Qcow2Header(*fields)
     if header.version not in (2, 3):
         old = " (the old QCOW format)" if header.version == 1 else ""
         raise _refuse(f"unsupported QCOW2 version {header.version}{old}; {_CONVERT}")
     if not 9 <= header.cluster_bits <= 21:
         raise _refuse(f"invalid cluster size 2^{header.cluster_bits} (QCOW2 allows 2^9 to 2^21);"
-                      f" {_CONVERT}")
+                      f" {_REMAKE}")
     if header.version == 2:
         return header
     if len(data) < _V2_HEADER.size + _V3_HEADER.size:
         raise _truncated()
-    header = replace(header, **dict(zip(
-        ("incompatible_features", "compatible_features", "autoclear_features", "refcount_order",
-         "header_length"), _V3_HEADER.unpack_from(data, _V2_HEADER.size))))
+    header = Qcow2Header(*fields, *_V3_HEADER.unpack_from(data, _V2_HEADER.size))
     length = header.header_length
     if not 104 <= length <= header.cluster_size or length % 8:
-        raise _refuse(f"invalid header length {length}; {_CONVERT}")
+        raise _refuse(f"invalid header length {length}; {_REMAKE}")
     if len(data) < length:
         raise _truncated()
     return replace(header, compression_type=data[104] if length > 104 else 0)
@@ -188,7 +186,7 @@ def _read_extensions(data: bytes, header: Qcow2Header) -> tuple[int, ...]:
             return tuple(found)
         offset += 8
         if length > end - offset:
-            raise _refuse(f"a header extension runs past the first cluster; {_CONVERT}")
+            raise _refuse(f"a header extension runs past the first cluster; {_REMAKE}")
         found.append(kind)
         offset += (length + 7) & ~7
 
@@ -210,14 +208,15 @@ def _check_features(header: Qcow2Header) -> None:
         raise _refuse(f"the image was not closed cleanly (dirty flag set); {_REPAIR}")
     if incompatible & ~_KNOWN_INCOMPATIBLE:
         raise _refuse(f"the image uses unknown incompatible features (bits "
-                      f"{incompatible & ~_KNOWN_INCOMPATIBLE:#x}); {_CONVERT}")
+                      f"{incompatible & ~_KNOWN_INCOMPATIBLE:#x}); convert it with the qemu-img that made "
+                      f"it: `qemu-img convert -O qcow2 -o compat=1.1 in.qcow2 out.qcow2`")
     if header.compression_type not in (0, 1) or bool(header.compression_type) != bool(
             incompatible & _COMPRESSION):
-        raise _refuse(f"invalid compression type {header.compression_type}; {_CONVERT}")
+        raise _refuse(f"invalid compression type {header.compression_type}; {_REMAKE}")
     if header.refcount_order > 6 or (header.version == 2 and header.refcount_order != 4):
-        raise _refuse(f"invalid refcount width 2^{header.refcount_order}; {_CONVERT}")
+        raise _refuse(f"invalid refcount width 2^{header.refcount_order}; {_REMAKE}")
     if incompatible & _EXTENDED_L2 and header.cluster_bits < 14:
-        raise _refuse(f"invalid cluster size for extended L2 entries; {_CONVERT}")
+        raise _refuse(f"invalid cluster size for extended L2 entries; {_REMAKE}")
 
 
 def _check_size(size: int, max_virtual_size: int) -> None:
@@ -225,9 +224,10 @@ def _check_size(size: int, max_virtual_size: int) -> None:
     limit = min(max_virtual_size, HARD_MAX_VIRTUAL_SIZE)
     if size > limit:
         raise _refuse(f"the virtual size {_human(size)} ({size} bytes) is larger than the limit of "
-                      f"{_human(limit)}; shrink the disk with `qemu-img resize --shrink` first")
+                      f"{_human(limit)}; make the disk smaller (shrink its partitions, then "
+                      f"`qemu-img resize --shrink in.qcow2 SIZE`)")
     if size % 512:
-        raise _refuse(f"the virtual size {size} is not a multiple of 512 bytes; {_CONVERT}")
+        raise _refuse(f"the virtual size {size} is not a multiple of 512 bytes; {_REMAKE}")
 
 
 def _check_tables(header: Qcow2Header, file_size: int) -> None:
@@ -235,15 +235,15 @@ def _check_tables(header: Qcow2Header, file_size: int) -> None:
     cluster, l1_size = header.cluster_size, header.l1_size
     covered = cluster * (cluster // (16 if header.incompatible_features & _EXTENDED_L2 else 8))
     if not -(-header.virtual_size // covered) <= l1_size <= _MAX_L1_BYTES // 8:
-        raise _refuse(f"invalid L1 table size {l1_size}; {_CONVERT}")
+        raise _refuse(f"invalid L1 table size {l1_size}; {_REMAKE}")
     _check_table("L1 table", header.l1_table_offset, l1_size * 8, cluster, file_size)
     clusters = header.refcount_table_clusters
     if not 1 <= clusters <= _MAX_REFTABLE_BYTES // cluster:
-        raise _refuse(f"invalid refcount table size {clusters}; {_CONVERT}")
+        raise _refuse(f"invalid refcount table size {clusters}; {_REMAKE}")
     _check_table("refcount table", header.refcount_table_offset, clusters * cluster, cluster,
                   file_size)
     if header.nb_snapshots > _MAX_SNAPSHOTS:
-        raise _refuse(f"invalid snapshot table ({header.nb_snapshots} snapshots); {_CONVERT}")
+        raise _refuse(f"invalid snapshot table ({header.nb_snapshots} snapshots); {_REMAKE}")
     _check_table("snapshot table", header.snapshots_offset, header.nb_snapshots * 40, cluster,
                  file_size)
 
@@ -251,7 +251,7 @@ def _check_tables(header: Qcow2Header, file_size: int) -> None:
 def _check_table(name: str, offset: int, length: int, cluster: int, file_size: int) -> None:
     """Refuse a metadata table that is misaligned, overlaps the header or ends past the file."""
     if length and (offset % cluster or offset == 0 or offset + length > file_size):
-        raise _refuse(f"invalid {name} (it lies outside the file); {_CONVERT}")
+        raise _refuse(f"invalid {name} (misaligned or past the end of the file); {_REMAKE}")
 
 
 def _limit_resources() -> None:
@@ -331,7 +331,7 @@ def _check_info(info: dict, header: Qcow2Header) -> None:
     seen = (info.get("format"), info.get("virtual-size"), info.get("cluster-size"),
             {"0.10": 2, "1.1": 3}.get(specific.get("compat")))
     if seen != ("qcow2", header.virtual_size, header.cluster_size, header.version):
-        raise _refuse(f"qemu-img info disagrees with the image header; {_CONVERT}")
+        raise _refuse(f"qemu-img info disagrees with the image header; {_REMAKE}")
 
 
 def inspect_qcow2(path: str, max_virtual_size: int) -> ImageInfo:
@@ -343,7 +343,7 @@ def inspect_qcow2(path: str, max_virtual_size: int) -> ImageInfo:
     spec = _image_spec(path)
     done = _run_qemu_img("info", "-f", "qcow2", "--output=json", spec)
     if done.returncode != 0:
-        raise _refuse(f"qemu-img cannot open it; check it with `qemu-img info in.qcow2`, {_CONVERT}")
+        raise _refuse(f"qemu-img cannot open it (see `qemu-img info in.qcow2`); {_REMAKE}")
     _check_info(_json_report(done), header)
     done = _run_qemu_img("check", "-f", "qcow2", "--output=json", spec)
     report = _json_report(done)
@@ -351,7 +351,7 @@ def inspect_qcow2(path: str, max_virtual_size: int) -> ImageInfo:
         raise _refuse(f"qemu-img check found {report.get('corruptions', 'some')} corruptions; "
                       f"{_REPAIR}")
     if done.returncode not in (0, 3) or report.get("check-errors"):  # 3: leaked clusters only
-        raise _refuse(f"qemu-img check could not finish checking it; {_CONVERT}")
+        raise _refuse(f"qemu-img check could not finish checking it; {_REMAKE}")
     return ImageInfo(header.virtual_size, header.version, header.cluster_size)
 
 

@@ -59,7 +59,8 @@ _OTHER_FORMATS = (  # (offset, signature, what the file is, what to do)
     (0, b"\x1f\x8b", "gzip-compressed", _DECOMPRESS), (0, b"BZh", "bzip2-compressed", _DECOMPRESS),
     (0, b"\xfd7zXZ\x00", "xz-compressed", _DECOMPRESS),
     (0, b"\x28\xb5\x2f\xfd", "zstd-compressed", _DECOMPRESS),
-    (0, b"KDMV", "a VMDK image", _CONVERT), (0, b"# Disk DescriptorFile", "a VMDK descriptor", _CONVERT),
+    (0, b"KDMV", "a VMDK image", _CONVERT),
+    (0, b"# Disk DescriptorFile", "a VMDK descriptor", _CONVERT),
     (0, b"conectix", "a VHD image", _CONVERT), (0, b"vhdxfile", "a VHDX image", _CONVERT),
     (64, b"\x7f\x10\xda\xbe", "a VDI image", _CONVERT), (0, b"QED\x00", "a QED image", _CONVERT),
     (0, b"LUKS\xba\xbe", "a LUKS-encrypted raw image", _DECRYPT_RAW),
@@ -208,8 +209,8 @@ def _check_features(header: Qcow2Header) -> None:
         raise _refuse(f"the image was not closed cleanly (dirty flag set); {_REPAIR}")
     if incompatible & ~_KNOWN_INCOMPATIBLE:
         raise _refuse(f"the image uses unknown incompatible features (bits "
-                      f"{incompatible & ~_KNOWN_INCOMPATIBLE:#x}); convert it with the qemu-img that made "
-                      f"it: `qemu-img convert -O qcow2 -o compat=1.1 in.qcow2 out.qcow2`")
+                      f"{incompatible & ~_KNOWN_INCOMPATIBLE:#x}); convert it with the qemu-img "
+                      f"that made it: `qemu-img convert -O qcow2 -o compat=1.1 in.qcow2 out.qcow2`")
     if header.compression_type not in (0, 1) or bool(header.compression_type) != bool(
             incompatible & _COMPRESSION):
         raise _refuse(f"invalid compression type {header.compression_type}; {_REMAKE}")
@@ -281,7 +282,8 @@ def _run_qemu_img(*args: str) -> subprocess.CompletedProcess[bytes]:
     """Run qemu-img without a shell, under limits and a timeout; refuse when it is stopped."""
     # stdout goes to a file so that RLIMIT_FSIZE bounds what we read back into memory;
     # stderr (one line per bad cluster, unbounded) is never read, so never shown to users.
-    # preexec_fn is safe enough in a threaded server here: it only calls get/setrlimit.
+    # preexec_fn is safe enough in a threaded server here: it only calls get/setrlimit, which
+    # take no locks between fork and exec.
     with tempfile.TemporaryFile() as out:
         try:
             done = subprocess.run(
@@ -334,24 +336,29 @@ def _check_info(info: dict, header: Qcow2Header) -> None:
         raise _refuse(f"qemu-img info disagrees with the image header; {_REMAKE}")
 
 
+def _check_consistency(done: subprocess.CompletedProcess[bytes]) -> None:
+    """Refuse unless qemu-img check found nothing worse than leaked clusters (exit 3)."""
+    report = _json_report(done)
+    if done.returncode == 2 or report.get("corruptions"):
+        raise _refuse(f"qemu-img check found {report.get('corruptions', 'some')} corruptions; "
+                      f"{_REPAIR}")
+    if done.returncode not in (0, 3) or report.get("check-errors"):
+        raise _refuse(f"qemu-img check could not finish checking it; {_REMAKE}")
+
+
 def inspect_qcow2(path: str, max_virtual_size: int) -> ImageInfo:
-    """Vet the file at path: header in Python, then qemu-img info and check; ImageRefused if unsafe."""
+    """Vet the file at path: header, then qemu-img info and check; ImageRefused if unsafe."""
     with open(path, "rb") as file:
         file_size = os.fstat(file.fileno()).st_size
         data = file.read(HEADER_READ_SIZE)
     header = read_qcow2_header(data, file_size, max_virtual_size)
     spec = _image_spec(path)
+    # info first: it reports a backing or data file without opening it; check would open them.
     done = _run_qemu_img("info", "-f", "qcow2", "--output=json", spec)
     if done.returncode != 0:
         raise _refuse(f"qemu-img cannot open it (see `qemu-img info in.qcow2`); {_REMAKE}")
     _check_info(_json_report(done), header)
-    done = _run_qemu_img("check", "-f", "qcow2", "--output=json", spec)
-    report = _json_report(done)
-    if done.returncode == 2 or report.get("corruptions"):
-        raise _refuse(f"qemu-img check found {report.get('corruptions', 'some')} corruptions; "
-                      f"{_REPAIR}")
-    if done.returncode not in (0, 3) or report.get("check-errors"):  # 3: leaked clusters only
-        raise _refuse(f"qemu-img check could not finish checking it; {_REMAKE}")
+    _check_consistency(_run_qemu_img("check", "-f", "qcow2", "--output=json", spec))
     return ImageInfo(header.virtual_size, header.version, header.cluster_size)
 
 

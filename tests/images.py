@@ -43,7 +43,8 @@ def create(directory: Path, name: str, *options: str, size: str = "1M",
 
 def write_data(path: Path, *spans: tuple[int, int], pattern: int = 0xAB) -> Path:
     """Write a byte pattern into the image's guest view with qemu-io."""
-    commands = [arg for start, length in spans for arg in ("-c", f"write -P {pattern} {start} {length}")]
+    commands = [arg for start, length in spans
+                for arg in ("-c", f"write -P {pattern} {start} {length}")]
     run("qemu-io", "-f", "qcow2", *commands, path)
     return path
 
@@ -257,8 +258,8 @@ def _retry(make, attempts: int = 20):
 
 def luks_qcow2(directory: Path) -> Path:
     """A QCOW2 image with LUKS encryption (encrypt.format=luks)."""
-    return _retry(lambda: create(directory, "luks.qcow2", "--object", SECRET, "-o",
-                                 "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10"))
+    options = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10"
+    return _retry(lambda: create(directory, "luks.qcow2", "--object", SECRET, "-o", options))
 
 
 def aes_qcow2(directory: Path) -> Path:

@@ -135,7 +135,8 @@ HOSTILE = [
         images.good_v3(d), 112, struct.pack(">II", 1, 65536 - 128) + b"\xff" * (65536 - 120)),
         "a header extension runs past the first cluster"),
     # References to other files.
-    case("backing-path", images.backing_path, "the image has a backing file; make a self-contained"),
+    case("backing-path", images.backing_path,
+         "the image has a backing file; make a self-contained"),
     case("backing-passwd", lambda d: images.with_backing(d, str(PASSWD)), "has a backing file"),
     case("backing-json", lambda d: images.with_backing(
         d, 'json:{"driver":"raw","file":{"driver":"file","filename":"/etc/passwd"}}'),

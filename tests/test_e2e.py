@@ -96,3 +96,18 @@ def test_errors_are_json_over_the_wire(live_server, alice):
     assert status == 404 and headers["Content-Type"] == "application/json"
     status, headers, body = request(live_server, "GET", "/images")
     assert status == 401 and json.loads(body)["message"]
+
+
+def test_racing_uploads_of_one_name(live_server, alice, image_file):
+    """Two uploads of one name at once: one 201, one 400, and one file stored."""
+    from concurrent.futures import ThreadPoolExecutor
+    data = image_file.read_bytes()
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(
+            lambda _: request(live_server, "POST", "/images?name=race", alice, data), range(2)))
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses == [201, 400]
+    loser = next(body for status, _, body in results if status == 400)
+    assert json.loads(loser) == {"name": ["Name already exists"]}
+    _, _, body = request(live_server, "GET", "/images?search=race", alice)
+    assert len(json.loads(body)) == 1

@@ -1,5 +1,6 @@
 """Receiving an upload: the checks made from headers alone, then the body streamed to disk."""
 
+import ctypes
 import errno
 import hashlib
 
@@ -9,6 +10,31 @@ from errors import ApiError, ValidationError
 
 # FACTS.md: 1 MiB reads cost a fifth of the CPU of 8 KiB reads; 4 MiB is no faster.
 CHUNK_SIZE = 1 << 20
+# Every this many bytes, the kernel is asked to start writing them to disk (see start_writeback).
+WRITEBACK_STEP = 8 << 20
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range():
+    """Linux's sync_file_range from the C library, or None where there is none."""
+    function = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    if function is not None:
+        function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return function
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+
+
+def start_writeback(fd, offset, length):
+    """Have the kernel start writing a range of the file to disk, without waiting for it.
+
+    The store fsyncs every upload before keeping it; started this way while the rest of the
+    body arrives, the disk works alongside the network, and that fsync of a 1 GiB upload
+    waits 3 ms instead of 250 ms (docs/benchmarks.md). Only a hint: errors are ignored.
+    """
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 def check_upload_headers(request, max_size):
@@ -42,13 +68,16 @@ def body_stream(request):
 def receive_body(stream, out, max_size):
     """Copy stream into the file out in bounded memory; return (size, sha256 hex)."""
     digest = hashlib.sha256()
-    size = 0
+    size = written_back = 0
     while chunk := _read(stream, max_size):
         size += len(chunk)
         if size > max_size:
             raise too_large(max_size)
         digest.update(chunk)
         write_or_507(out, chunk)
+        if size - written_back >= WRITEBACK_STEP:
+            start_writeback(out.fileno(), written_back, size - written_back)
+            written_back = size
     return size, digest.hexdigest()
 
 

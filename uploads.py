@@ -3,6 +3,8 @@
 import ctypes
 import errno
 import hashlib
+import queue
+import threading
 
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
@@ -65,20 +67,53 @@ def body_stream(request):
     return upload.stream
 
 
+class HashOnTheSide:
+    """A sha256 computed on its own thread while the request's thread reads and writes.
+
+    hashlib lets go of the GIL while it hashes a large chunk, so the hash runs on another
+    core; the bounded queue keeps at most QUEUE_CHUNKS chunks waiting (bounded memory).
+    """
+
+    QUEUE_CHUNKS = 4
+
+    def __init__(self):
+        self._sha256 = hashlib.sha256()
+        self._chunks = queue.Queue(self.QUEUE_CHUNKS)
+        self._thread = threading.Thread(target=self._hash, name="upload-sha256", daemon=True)
+        self._thread.start()
+
+    def _hash(self):
+        while (chunk := self._chunks.get()) is not None:
+            self._sha256.update(chunk)
+
+    def update(self, chunk):
+        self._chunks.put(chunk)
+
+    def finish(self):
+        """Wait for the hash of everything given so far; return it as hex."""
+        if self._thread.is_alive():
+            self._chunks.put(None)
+            self._thread.join()
+        return self._sha256.hexdigest()
+
+
 def receive_body(stream, out, max_size):
     """Copy stream into the file out in bounded memory; return (size, sha256 hex)."""
-    digest = hashlib.sha256()
-    size = written_back = 0
-    while chunk := _read(stream, max_size):
-        size += len(chunk)
-        if size > max_size:
-            raise too_large(max_size)
-        digest.update(chunk)
-        write_or_507(out, chunk)
-        if size - written_back >= WRITEBACK_STEP:
-            start_writeback(out.fileno(), written_back, size - written_back)
-            written_back = size
-    return size, digest.hexdigest()
+    digest = HashOnTheSide()
+    try:
+        size = written_back = 0
+        while chunk := _read(stream, max_size):
+            size += len(chunk)
+            if size > max_size:
+                raise too_large(max_size)
+            digest.update(chunk)
+            write_or_507(out, chunk)
+            if size - written_back >= WRITEBACK_STEP:
+                start_writeback(out.fileno(), written_back, size - written_back)
+                written_back = size
+    finally:
+        sha256 = digest.finish()  # also on errors: no thread is left behind
+    return size, sha256
 
 
 def _read(stream, max_size):

@@ -775,10 +775,9 @@ def list_rows(ls):
                      f"{ratio(runs['list'], runs['trivial']):.2f}", "—"))
     for page in ("1", "40"):
         s = ls["sql"][big][page]
-        total = s["queries"] + s["pragmas"]
-        rows.append((f"SQL statements per list request, page {page}",
-                     f"{total}: {s['queries']} queries + {s['pragmas']} connection PRAGMAs", "—",
-                     "—", f"≤ 4: {verdict(total <= 4)}"))
+        rows.append((f"SQL queries per list request, page {page}", f"{s['queries']} queries "
+                     f"(+ {s['pragmas']} PRAGMAs as each request opens its SQLite connection)",
+                     "—", "—", f"≤ 4: {verdict(s['queries'] <= 4)}"))
     lat = ls["latency"]
     for page in ("1", "40"):
         a, b = lat[f"bench/{small}/{page}"], lat[f"bench/{big}/{page}"]
@@ -789,7 +788,7 @@ def list_rows(ls):
     for page in ("1", "40"):
         a, b = lat[f"bench/{small}/{page}"], lat[f"few/{big}/{page}"]
         rows.append((f"list page {page} latency, `few` sees {int(big) // 100} of the "
-                     f"{int(big) * 112 // 100} images", fmt_ms(b),
+                     f"{int(big) * 111 // 100} images", fmt_ms(b),
                      f"bench sees {small}: {fmt_ms(a)}", f"{ratio(b, a):.2f}", "—"))
     return rows
 
@@ -826,7 +825,7 @@ def chart(tr, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     sizes = [s / MiB for s in tr["sizes"]]
     for ax, way in zip(axes, ("upload", "download"), strict=True):
         for name, marker in zip(SERVERS, "osd", strict=True):
@@ -840,7 +839,8 @@ def chart(tr, path):
         ax.set_title(f"{way} (curl, loopback; median, min-max)")
         ax.set_xlabel("file size")
         ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("MiB/s")
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("MiB/s")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -17,6 +17,9 @@ from namespaces import (
 
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 PAGE_SIZE = 25
+# Ids are 64-bit in every database; a larger one from a URL names nothing (and would
+# overflow SQLite's integer binding).
+MAX_ID = (1 << 63) - 1
 NAME_TAKEN = "Name already exists"
 
 
@@ -96,6 +99,8 @@ def list_images(user, search, page):
 
 def find_image(image_id):
     """The image with its relations, or None."""
+    if not 0 < image_id <= MAX_ID:
+        return None
     return _with_relations().where(Image.id == image_id).first()
 
 

@@ -1,6 +1,8 @@
 """The HTTP routes: thin wrappers that read the request, call the rules, shape the answer."""
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+import os
+
+from flask import Blueprint, Response, current_app, g, jsonify, request, send_file
 from peewee import PeeweeException
 
 import images
@@ -14,6 +16,9 @@ from uploads import body_stream, check_upload_headers, receive_body
 from web import base_url, link_header
 
 bp = Blueprint("api", __name__)
+
+# The API's description, kept beside the code and checked against the routes by the tests.
+OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
 
 
 def storage():
@@ -32,6 +37,12 @@ def healthz():
     except OSError:
         return jsonify(status="storage not writable"), 503
     return jsonify(status="ok")
+
+
+@bp.get("/openapi.json")
+def openapi_document():
+    """The OpenAPI 3.1 description of this API; no token needed."""
+    return send_file(OPENAPI_PATH, mimetype="application/json")
 
 
 @bp.get("/images")

@@ -78,11 +78,15 @@ def _name_contains(text):
 
 def parse_page(value):
     """1-based page; a missing, non-numeric or < 1 value means 1."""
-    return int(value) if value and value.isdigit() and int(value) >= 1 else 1
+    # isascii: str.isdigit() also accepts '²', which int() refuses.
+    return int(value) if value and value.isascii() and value.isdigit() and int(value) >= 1 else 1
 
 
 def list_images(user, search, page):
     """One page of the images user owns or collaborates on; returns (images, has_next)."""
+    offset = (page - 1) * PAGE_SIZE
+    if offset > MAX_ID:  # past any table's end, and past what the database can bind
+        return [], False
     shared_roots = Collaborator.select(Collaborator.namespace).where(Collaborator.user == user.id)
     query = _with_relations().where(
         (Image.user == user.id) | Namespace.root.in_(shared_roots)
@@ -92,7 +96,7 @@ def list_images(user, search, page):
     rows = list(
         query.order_by(Image.created_at.desc(), Image.id.desc())
         .limit(PAGE_SIZE + 1)
-        .offset((page - 1) * PAGE_SIZE)
+        .offset(offset)
     )
     return rows[:PAGE_SIZE], len(rows) > PAGE_SIZE
 

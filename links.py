@@ -16,7 +16,8 @@ def parse_expires_in(value):
     """Seconds from the query: default one hour, 1 second to 7 days."""
     if value is None:
         return DEFAULT_EXPIRES_IN
-    if not value.isdigit() or not 1 <= int(value) <= MAX_EXPIRES_IN:
+    # isascii: str.isdigit() also accepts '²', which int() refuses.
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_EXPIRES_IN:
         raise ValidationError(
             "expires_in", f"Must be a whole number of seconds from 1 to {MAX_EXPIRES_IN}")
     return int(value)

@@ -17,3 +17,26 @@ def test_an_id_past_64_bits_is_not_found(client, alice, method, path):
     assert response.status_code == 404
     if method != "HEAD":
         assert response.json == {"message": "Not Found"}
+
+
+def test_a_page_past_64_bits_is_past_the_end(client, alice, upload):
+    assert upload(alice).status_code == 201
+    response = client.get("/images?page=11625460170010283709825024", headers=alice.headers)
+    assert response.status_code == 200
+    assert response.json == []
+    assert response.headers["Link"].endswith('?page=11625460170010283709825023>; rel="prev"')
+
+
+def test_a_superscript_digit_page_means_page_one(client, alice, upload):
+    """str.isdigit() is true for '²', which int() refuses."""
+    assert upload(alice).status_code == 201
+    response = client.get("/images?page=²", headers=alice.headers)
+    assert response.status_code == 200
+    assert len(response.json) == 1
+
+
+def test_a_superscript_digit_expires_in_is_a_validation_error(client, alice, upload):
+    image_id = upload(alice).json["id"]
+    response = client.post(f"/images/{image_id}/links?expires_in=²", headers=alice.headers)
+    assert response.status_code == 400
+    assert list(response.json) == ["expires_in"]

@@ -9,6 +9,7 @@ from api import bp
 from cli import register_cli
 from config import load_config
 from errors import register_error_handlers
+from images import recover
 from models import create_tables, db, open_database
 from storage import storage_from_url
 
@@ -23,7 +24,8 @@ def create_app(test_config=None, instance_path=None):
     open_database(app.config["DATABASE_URL"])
     create_tables()
     store = storage_from_url(app.config["STORAGE_URL"])
-    store.sweep()
+    with db.connection_context():
+        recover(store)  # what a killed worker left: temporary files, half-done keys
     app.extensions["storage"] = store
 
     @app.before_request

@@ -154,9 +154,10 @@ def _name_taken(owner, namespace, name):
 def create_image(plan, storage, staged, size, sha256, info):
     """Move the inspected file into the store, then record it; a failure removes the file.
 
-    The file goes in first so that a crash leaves at worst a file without a row
-    (the sweep removes those), never a row without a file. The database settles a
-    race on the name: the loser's unique-index error becomes the same 400.
+    The file goes in first so that a crash leaves at worst a file without a row, never a
+    row without a file; put() leaves an intent on the key until the row is committed, so
+    that recover() finds such a file after a crash. The database settles a race on the
+    name: the loser's unique-index error becomes the same 400.
     """
     key = storage.put(staged)
     try:
@@ -168,19 +169,40 @@ def create_image(plan, storage, staged, size, sha256, info):
                                  name=plan["name"], storage_key=key, size=size,
                                  virtual_size=info.virtual_size, sha256=sha256)
     except IntegrityError:
-        storage.delete(key)
+        _remove_file(storage, key)
         raise ValidationError("name", NAME_TAKEN) from None
     except BaseException:
-        storage.delete(key)
+        _remove_file(storage, key)
         raise
+    storage.settle(key)
     return find_image(image.id)
 
 
+def _remove_file(storage, key):
+    storage.delete(key)
+    storage.settle(key)
+
+
 def delete_image(image, storage):
-    """Remove the row, then the file once the row is surely gone."""
+    """Remove the row, then the file once the row is surely gone (under an intent, so
+    that a crash between the two leaves nothing that recover() does not remove)."""
+    storage.intend(image.storage_key)
     with write_transaction():
         Image.delete().where(Image.id == image.id).execute()
-    storage.delete(image.storage_key)
+    _remove_file(storage, image.storage_key)
+
+
+def recover(storage):
+    """Finish what killed processes left half done; return (temporary files, orphan files)
+    removed. A key with an unsettled intent keeps its file only if its row exists."""
+    temporary = storage.sweep()
+    orphans = 0
+    for key, pid in storage.unsettled():
+        if not Image.select().where(Image.storage_key == key).exists():
+            storage.delete(key)
+            orphans += 1
+        storage.settle(key, pid)
+    return temporary, orphans
 
 
 def orphan_keys(storage, older_than):

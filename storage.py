@@ -12,6 +12,9 @@ import time
 from urllib.parse import urlparse
 
 TEMP_SUFFIX = ".part"
+# An intent marks a key whose file and row are being changed together, from just before
+# the file moves until the row is committed: a process killed in between leaves it behind.
+INTENT_SUFFIX = ".intent"
 
 
 def fsync_dir(path):
@@ -39,9 +42,17 @@ class Staged:
             os.unlink(self.path)
 
 
-def _pid_alive(pid):
+def _owner_alive(name):
+    """Whether the process named by the pid in front of a temporary file's name still runs.
+
+    Our own pid counts as dead: sweeps run before this process stages anything, so a file
+    with our pid was left by an earlier process that had it (containers reuse pids).
+    """
+    pid = name.split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
     try:
-        os.kill(pid, 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -50,11 +61,15 @@ def _pid_alive(pid):
 
 
 def sweep_temp_folder(folder):
-    """Remove temporary files whose writing process is gone; return how many."""
+    """Remove temporary files whose writing process is gone; return how many.
+
+    Intents are left alone: only the caller, which knows the database, can settle them.
+    """
     removed = 0
     for name in os.listdir(folder):
-        pid = name.split("-", 1)[0]
-        if name.endswith(TEMP_SUFFIX) and pid.isdigit() and _pid_alive(int(pid)):
+        ours = name.split("-", 1)[0].isdigit()
+        if ours and (name.endswith(INTENT_SUFFIX) or
+                     (name.endswith(TEMP_SUFFIX) and _owner_alive(name))):
             continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(folder, name))
@@ -82,13 +97,45 @@ class LocalStorage:
             staged.discard()
 
     def put(self, staged):
-        """Move a staged file into the store durably; return its new key."""
+        """Move a staged file into the store durably; return its new key.
+
+        The key is left with an intent of this process, which the caller settles once the
+        row is committed (or the file removed again).
+        """
         key = secrets.token_hex(16)
-        os.fsync(staged.file.fileno())
-        staged.file.close()
-        os.rename(staged.path, self.local_path(key))
-        fsync_dir(self.root)
+        self.intend(key)
+        try:
+            os.fsync(staged.file.fileno())
+            staged.file.close()
+            os.rename(staged.path, self.local_path(key))
+            fsync_dir(self.root)
+        except BaseException:
+            self.delete(key)
+            self.settle(key)
+            raise
         return key
+
+    def _intent_path(self, key, pid=None):
+        return os.path.join(self.temp_folder, f"{pid or os.getpid()}-{key}{INTENT_SUFFIX}")
+
+    def intend(self, key):
+        """Durably note that this process is about to change key's file and row together."""
+        os.close(os.open(self._intent_path(key), os.O_WRONLY | os.O_CREAT, 0o600))
+        fsync_dir(self.temp_folder)
+
+    def settle(self, key, pid=None):
+        """Drop the intent on key, once file and row agree again."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._intent_path(key, pid))
+
+    def unsettled(self):
+        """(key, pid) of the intents whose process died before settling them."""
+        found = []
+        for name in os.listdir(self.temp_folder):
+            pid, _, key = name[:-len(INTENT_SUFFIX)].partition("-")
+            if name.endswith(INTENT_SUFFIX) and pid.isdigit() and not _owner_alive(name):
+                found.append((key, int(pid)))
+        return found
 
     def local_path(self, key):
         """The file behind key, for sendfile."""
@@ -111,7 +158,7 @@ class LocalStorage:
                     if e.name.endswith(".qcow2") and e.stat().st_mtime <= limit]
 
     def sweep(self):
-        """Remove what killed workers left in the temporary folder."""
+        """Remove what killed workers left in the temporary folder, but for intents."""
         return sweep_temp_folder(self.temp_folder)
 
     def check_writable(self):

@@ -126,8 +126,15 @@ def follow_link(token, filename):
 def send_image(image, mimetype):
     """The download answer for image, by whichever way the storage serves files."""
     store = storage()
+
+    def open_file():
+        try:
+            return store.open(image.storage_key)
+        except FileNotFoundError:  # deleted since the row was read: as if it never existed
+            raise not_found() from None
+
     return file_response(
-        request, lambda: store.open(image.storage_key), size=image.size, mimetype=mimetype,
+        request, open_file, size=image.size, mimetype=mimetype,
         etag=image.sha256, last_modified=images.last_modified(image),
         filename=f"{image.name}.qcow2",
     )

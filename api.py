@@ -12,7 +12,7 @@ from errors import ApiError, ValidationError, not_found
 from links import link_matches, parse_expires_in, read_link, sign_link
 from models import db
 from qcow2 import ImageRefused, inspect_qcow2
-from uploads import body_stream, check_upload_headers, receive_body
+from uploads import body_stream, check_upload_headers, receive_body, watch_body
 from web import base_url, link_header
 
 bp = Blueprint("api", __name__)
@@ -62,11 +62,13 @@ def list_images():
 @require_scope("image:write")
 def create_image():
     """Stream the body to a temporary file, inspect it, store it, record it."""
-    max_size = current_app.config["MAX_IMAGE_SIZE"]
+    config = current_app.config
+    max_size = config["MAX_IMAGE_SIZE"]
     check_upload_headers(request, max_size)
     plan = images.plan_upload(g.user, request.args.get("name"), request.args.get("namespace"))
-    with storage().staging() as staged:
-        size, sha256 = receive_body(body_stream(request), staged.file, max_size)
+    with storage().staging() as staged, watch_body(request, config["BODY_READ_TIMEOUT"]) as watch:
+        stream, length = body_stream(request)
+        size, sha256 = receive_body(stream, staged.file, max_size, length, watch)
         try:
             info = inspect_qcow2(staged.path, current_app.config["MAX_VIRTUAL_SIZE"])
         except ImageRefused as refusal:

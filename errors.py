@@ -1,5 +1,7 @@
 """Errors that the rules raise, and the one place that turns every error into JSON."""
 
+import errno
+
 from flask import jsonify
 from werkzeug.exceptions import HTTPException
 
@@ -34,6 +36,21 @@ def _json(status, body, headers=None):
     return response
 
 
+DISK_FULL = "Insufficient Storage: the image store is full"
+
+
+def disk_full(error):
+    """Whether error, or an error it came from, says that a disk is full."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "database or disk is full" in str(error):  # SQLite's word for it
+            return True
+        # peewee keeps the driver's error in .orig
+        error = error.__cause__ or error.__context__ or getattr(error, "orig", None)
+    return False
+
+
 def register_error_handlers(app):
     """Make every error, werkzeug's own included, a JSON answer without a trace."""
 
@@ -53,5 +70,9 @@ def register_error_handlers(app):
 
     @app.errorhandler(Exception)
     def unexpected_error(error):
+        # Any write may meet a full disk (fsync, rename, SQLite), not only the body's.
+        if disk_full(error):
+            app.logger.warning("disk full: %s", error)
+            return _json(507, {"message": DISK_FULL})
         app.logger.exception("unhandled error")
         return _json(500, {"message": "Internal Server Error"})

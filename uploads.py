@@ -9,7 +9,7 @@ import time
 
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
-from errors import ApiError, ValidationError
+from errors import DISK_FULL, ApiError, ValidationError
 
 # FACTS.md: 1 MiB reads cost a fifth of the CPU of 8 KiB reads; 4 MiB is no faster.
 CHUNK_SIZE = 1 << 20
@@ -142,5 +142,5 @@ def write_or_507(out, chunk):
             view = view[out.write(view):]
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ApiError(507, "Insufficient Storage: the image store is full") from error
+            raise ApiError(507, DISK_FULL) from error
         raise

@@ -32,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON_BIN = Path(sys.executable).parent
+# What a client sees when the server's process dies under its request.
+CUT_OFF = (OSError, http.client.HTTPException)
 DISK = "application/octet-stream"
 
 
@@ -342,7 +344,7 @@ def scenario_load(base, clients, seconds, images):
                         answer = download(rng)
                     else:
                         answer = delete(rng)
-                except OSError as error:
+                except CUT_OFF as error:
                     figures.error(f"client {client}: {error!r}")
                     continue
                 if answer is None:
@@ -406,7 +408,7 @@ def scenario_kill(base, seconds, big_image, images):
                 name = f"k{k}-{n}"
                 try:
                     answer = send_slowly(service, f"/images?name={name}", token, big_image)
-                except OSError:
+                except CUT_OFF:
                     with lock:
                         cut_off[0] += 1  # the killed worker's uploads: expected
                     continue
@@ -425,7 +427,7 @@ def scenario_kill(base, seconds, big_image, images):
                 try:
                     answer = request(service, "GET", f"/images/{image_id}", token,
                                      headers={"Accept": DISK})
-                except OSError:
+                except CUT_OFF:
                     with lock:
                         cut_off[0] += 1
                     continue
@@ -438,12 +440,15 @@ def scenario_kill(base, seconds, big_image, images):
         threads += [threading.Thread(target=downloader) for _ in range(2)]
         for t in threads:
             t.start()
-        kills = 0
+        kills, left = 0, 0
+        incoming = service.store / ".incoming"
         for _ in range(2):  # twice, a while apart, a worker that is surely busy
             time.sleep(seconds / 3)
             victim = service.worker_pids()[0]
             os.kill(victim, signal.SIGKILL)
             kills += 1
+            # What the dead worker left, before its successor starts and sweeps it away.
+            left += sum(1 for p in incoming.iterdir() if p.name.startswith(f"{victim}-"))
         time.sleep(seconds / 3)
         stop.set()
         for t in threads:
@@ -453,7 +458,8 @@ def scenario_kill(base, seconds, big_image, images):
         service.start()  # the restart, whose workers sweep what the killed ones left
         found = verify_outcome(service, token, created, {}, figures)
         check_log_after_kill(service, figures)
-        figures.notes.insert(0, f"{kills} workers killed; {cut_off[0]} requests cut off; "
+        figures.notes.insert(0, f"{kills} workers killed, leaving {left} temporary files; "
+                                f"{cut_off[0]} requests cut off; "
                                 f"before restart: {before.temp_files} temporary files, "
                                 f"{before.files_without_row} files without row, "
                                 f"{before.rows_without_file} rows without file; "

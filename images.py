@@ -187,8 +187,12 @@ def delete_image(image, storage):
     """Remove the row, then the file once the row is surely gone (under an intent, so
     that a crash between the two leaves nothing that recover() does not remove)."""
     storage.intend(image.storage_key)
-    with write_transaction():
-        Image.delete().where(Image.id == image.id).execute()
+    try:
+        with write_transaction():
+            Image.delete().where(Image.id == image.id).execute()
+    except BaseException:
+        storage.settle(image.storage_key)  # the row is still there, and so is the file
+        raise
     _remove_file(storage, image.storage_key)
 
 

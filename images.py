@@ -1,5 +1,6 @@
 """The rules about images: who sees which, listing, creating and deleting, and their JSON."""
 
+import logging
 import re
 from datetime import UTC
 
@@ -21,6 +22,7 @@ PAGE_SIZE = 25
 # overflow SQLite's integer binding).
 MAX_ID = (1 << 63) - 1
 NAME_TAKEN = "Name already exists"
+log = logging.getLogger(__name__)
 
 
 def rfc3339(moment):
@@ -203,7 +205,11 @@ def recover(storage):
     orphans = 0
     for key, pid in storage.unsettled():
         if not Image.select().where(Image.storage_key == key).exists():
-            storage.delete(key)
+            try:
+                storage.delete(key)
+            except OSError as error:  # a store that is down: keep the intent for next time
+                log.warning("could not remove orphan %s yet: %s", key, error)
+                continue
             orphans += 1
         storage.settle(key, pid)
     return temporary, orphans

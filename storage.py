@@ -77,7 +77,39 @@ def sweep_temp_folder(folder):
     return removed
 
 
-class LocalStorage:
+class Intents:
+    """Intents kept in the backend's local temporary folder (self.temp_folder).
+
+    Every backend moves a file in before its row is committed and removes it after its
+    row is deleted; a process killed in between leaves an intent, which images.recover()
+    settles when the next process starts. put() should call intend(key) before the file
+    becomes visible under key.
+    """
+
+    def _intent_path(self, key, pid=None):
+        return os.path.join(self.temp_folder, f"{pid or os.getpid()}-{key}{INTENT_SUFFIX}")
+
+    def intend(self, key):
+        """Durably note that this process is about to change key's file and row together."""
+        os.close(os.open(self._intent_path(key), os.O_WRONLY | os.O_CREAT, 0o600))
+        fsync_dir(self.temp_folder)
+
+    def settle(self, key, pid=None):
+        """Drop the intent on key, once file and row agree again."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._intent_path(key, pid))
+
+    def unsettled(self):
+        """(key, pid) of the intents whose process died before settling them."""
+        found = []
+        for name in os.listdir(self.temp_folder):
+            pid, _, key = name[:-len(INTENT_SUFFIX)].partition("-")
+            if name.endswith(INTENT_SUFFIX) and pid.isdigit() and not _owner_alive(name):
+                found.append((key, int(pid)))
+        return found
+
+
+class LocalStorage(Intents):
     """Image files in a folder, with a private temporary folder beside them."""
 
     def __init__(self, root):
@@ -114,28 +146,6 @@ class LocalStorage:
             self.settle(key)
             raise
         return key
-
-    def _intent_path(self, key, pid=None):
-        return os.path.join(self.temp_folder, f"{pid or os.getpid()}-{key}{INTENT_SUFFIX}")
-
-    def intend(self, key):
-        """Durably note that this process is about to change key's file and row together."""
-        os.close(os.open(self._intent_path(key), os.O_WRONLY | os.O_CREAT, 0o600))
-        fsync_dir(self.temp_folder)
-
-    def settle(self, key, pid=None):
-        """Drop the intent on key, once file and row agree again."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._intent_path(key, pid))
-
-    def unsettled(self):
-        """(key, pid) of the intents whose process died before settling them."""
-        found = []
-        for name in os.listdir(self.temp_folder):
-            pid, _, key = name[:-len(INTENT_SUFFIX)].partition("-")
-            if name.endswith(INTENT_SUFFIX) and pid.isdigit() and not _owner_alive(name):
-                found.append((key, int(pid)))
-        return found
 
     def local_path(self, key):
         """The file behind key, for sendfile."""

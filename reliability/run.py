@@ -276,95 +276,112 @@ def verify_outcome(service, token, created, deleted, figures):
 
 # --- scenario: load ---------------------------------------------------------------------
 
-def scenario_load(base, clients, seconds, images):
-    figures = Figures("load")
-    service = Service(base / "load").start()
-    try:
-        token = service.token("loader")
-        created, deleted, lock = {}, {}, threading.Lock()
-        reused = [0]
+class LoadClients:
+    """Clients of one user mixing uploads, list pages, downloads and deletes, with a record
+    of what the service answered: created maps id -> (name, sha256), deleted id -> name."""
+
+    EXPECTED = (200, 201, 204)
+
+    def __init__(self, service, token, images, figures):
+        self.service, self.token, self.images, self.figures = service, token, images, figures
+        self.created, self.deleted, self.reused = {}, {}, 0
+        self.lock = threading.Lock()
+
+    def run(self, clients, seconds):
         stop_at = time.monotonic() + seconds
-
-        def upload(client, n, rng):
-            data, name = rng.choice(images), f"c{client}-{n}"
-            namespace = f"&namespace=team{client % 3}/sub" if n % 3 == 0 else ""
-            answer = request(service, "POST", f"/images?name={name}{namespace}", token,
-                             body=data)
-            if answer.status == 201:
-                image_id = answer.json()["id"]
-                with lock:
-                    created[image_id] = (name, sha256(data))
-                    if deleted.pop(image_id, None):
-                        reused[0] += 1
-            return answer
-
-        def download(rng):
-            with lock:
-                live = [i for i in created if i not in deleted]
-            if not live:
-                return None
-            image_id = rng.choice(live)
-            expected = created[image_id][1]
-            answer = request(service, "GET", f"/images/{image_id}", token,
-                             headers={"Accept": DISK})
-            with lock:
-                gone = image_id in deleted or created[image_id][1] != expected
-            if answer.status == 200 and sha256(answer.body) != expected and not gone:
-                figures.error(f"download of {image_id} has the wrong sha256")
-            if answer.status == 404 and gone:
-                answer.status = 200  # deleted meanwhile by another client: as it should be
-            return answer
-
-        def delete(rng):
-            with lock:
-                live = [i for i in created if i not in deleted]
-                if not live:
-                    return None
-                image_id = rng.choice(live)
-                deleted[image_id] = created[image_id][0]
-            answer = request(service, "DELETE", f"/images/{image_id}", token)
-            if answer.status != 204:
-                with lock:
-                    deleted.pop(image_id, None)
-            return answer
-
-        def client_loop(client):
-            rng = random.Random(client)
-            n = 0
-            while time.monotonic() < stop_at:
-                n += 1
-                pick = rng.random()
-                try:
-                    if pick < 0.35:
-                        answer = upload(client, n, rng)
-                    elif pick < 0.6:
-                        answer = request(service, "GET", f"/images?page={rng.randint(1, 3)}",
-                                         token)
-                    elif pick < 0.85:
-                        answer = download(rng)
-                    else:
-                        answer = delete(rng)
-                except CUT_OFF as error:
-                    figures.error(f"client {client}: {error!r}")
-                    continue
-                if answer is None:
-                    continue
-                figures.count()
-                if answer.status >= 500 or answer.status not in (200, 201, 204):
-                    figures.error(f"{answer.status} {answer.body[:120]!r}")
-                elif b"database is locked" in answer.body:
-                    figures.error("database is locked")
-
-        threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+        threads = [threading.Thread(target=self.loop, args=(c, stop_at)) for c in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        found = verify_outcome(service, token, created, deleted, figures)
+
+    def loop(self, client, stop_at):
+        rng, n = random.Random(client), 0
+        while time.monotonic() < stop_at:
+            n += 1
+            pick = rng.random()
+            try:
+                if pick < 0.35:
+                    answer = self.upload(client, n, rng)
+                elif pick < 0.6:
+                    answer = self.get(f"/images?page={rng.randint(1, 3)}")
+                elif pick < 0.85:
+                    answer = self.download(rng)
+                else:
+                    answer = self.delete(rng)
+            except CUT_OFF as error:
+                self.figures.error(f"client {client}: {error!r}")
+                continue
+            if answer is not None:
+                self.judge(answer)
+
+    def judge(self, answer):
+        self.figures.count()
+        if answer.status not in self.EXPECTED:
+            self.figures.error(f"{answer.status} {answer.body[:120]!r}")
+        elif b"database is locked" in answer.body:
+            self.figures.error("database is locked")
+
+    def get(self, path, **headers):
+        return request(self.service, "GET", path, self.token, headers=headers)
+
+    def live(self):
+        with self.lock:
+            return [i for i in self.created if i not in self.deleted]
+
+    def upload(self, client, n, rng):
+        data, name = rng.choice(self.images), f"c{client}-{n}"
+        namespace = f"&namespace=team{client % 3}/sub" if n % 3 == 0 else ""
+        answer = request(self.service, "POST", f"/images?name={name}{namespace}", self.token,
+                         body=data)
+        if answer.status == 201:
+            image_id = answer.json()["id"]
+            with self.lock:
+                self.created[image_id] = (name, sha256(data))
+                if self.deleted.pop(image_id, None):  # SQLite reused a deleted image's id
+                    self.reused += 1
+        return answer
+
+    def download(self, rng):
+        live = self.live()
+        if not live:
+            return None
+        image_id = rng.choice(live)
+        expected = self.created[image_id][1]
+        answer = self.get(f"/images/{image_id}", Accept=DISK)
+        with self.lock:
+            gone = image_id in self.deleted or self.created[image_id][1] != expected
+        if gone:  # deleted meanwhile by another client: 404 or the new image are right
+            return None
+        if answer.status == 200 and sha256(answer.body) != expected:
+            self.figures.error(f"download of {image_id} has the wrong sha256")
+        return answer
+
+    def delete(self, rng):
+        with self.lock:
+            live = [i for i in self.created if i not in self.deleted]
+            if not live:
+                return None
+            image_id = rng.choice(live)
+            self.deleted[image_id] = self.created[image_id][0]
+        answer = request(self.service, "DELETE", f"/images/{image_id}", self.token)
+        if answer.status != 204:
+            with self.lock:
+                self.deleted.pop(image_id, None)
+        return answer
+
+
+def scenario_load(base, clients, seconds, images):
+    figures = Figures("load")
+    service = Service(base / "load").start()
+    try:
+        load = LoadClients(service, service.token("loader"), images, figures)
+        load.run(clients, seconds)
+        found = verify_outcome(service, load.token, load.created, load.deleted, figures)
         check_log(service, figures)
-        figures.notes.insert(0, f"{clients} clients, {seconds} s, {len(created)} created, "
-                                f"{len(deleted)} deleted, {found.rows} kept; "
-                                f"{reused[0]} ids of deleted images handed out again")
+        figures.notes.insert(0, f"{clients} clients, {seconds} s, {len(load.created)} created, "
+                                f"{len(load.deleted)} deleted, {found.rows} kept; "
+                                f"{load.reused} ids of deleted images handed out again")
     finally:
         service.stop()
     return figures
@@ -389,77 +406,97 @@ def send_slowly(service, path, token, data, piece=256 << 10, pause=0.02):
         conn.close()
 
 
+class KillRun:
+    """Uploaders and downloaders that keep going while workers are killed under them."""
+
+    def __init__(self, service, token, big_image, figures):
+        self.service, self.token, self.big, self.figures = service, token, big_image, figures
+        self.created, self.cut_off = {}, 0
+        self.lock, self.stop = threading.Lock(), threading.Event()
+
+    def seed(self, images):
+        for n, data in enumerate(images):  # something to download from the start
+            answer = request(self.service, "POST", f"/images?name=seed{n}", self.token,
+                             body=data)
+            self.created[answer.json()["id"]] = (f"seed{n}", sha256(data))
+
+    def start(self, uploaders, downloaders):
+        self.threads = [threading.Thread(target=self.uploader, args=(k,))
+                        for k in range(uploaders)]
+        self.threads += [threading.Thread(target=self.downloader, args=(k,))
+                         for k in range(downloaders)]
+        for t in self.threads:
+            t.start()
+
+    def finish(self):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+    def uploader(self, k):
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            name = f"k{k}-{n}"
+            answer = self.attempt(send_slowly, self.service, f"/images?name={name}",
+                                  self.token, self.big)
+            if answer and answer.status == 201:
+                with self.lock:
+                    self.created[answer.json()["id"]] = (name, sha256(self.big))
+            elif answer and answer.status >= 500:
+                self.figures.error(f"upload {answer.status}")
+
+    def downloader(self, k):
+        rng = random.Random(k)
+        while not self.stop.is_set():
+            with self.lock:
+                image_id, (_, digest) = rng.choice(list(self.created.items()))
+            answer = self.attempt(request, self.service, "GET", f"/images/{image_id}",
+                                  self.token, headers={"Accept": DISK})
+            if answer and (answer.status >= 500 or (answer.status == 200
+                                                    and sha256(answer.body) != digest)):
+                self.figures.error(f"download {answer.status}")
+
+    def attempt(self, call, *args, **kwargs):
+        """The answer, or None when the worker died under the request (expected here)."""
+        try:
+            answer = call(*args, **kwargs)
+        except CUT_OFF:
+            with self.lock:
+                self.cut_off += 1
+            return None
+        self.figures.count()
+        return answer
+
+    def kill_worker(self):
+        """SIGKILL a worker; return how many temporary files it left (counted before its
+        successor starts and sweeps them away)."""
+        victim = self.service.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        incoming = self.service.store / ".incoming"
+        return sum(1 for p in incoming.iterdir() if p.name.startswith(f"{victim}-"))
+
+
 def scenario_kill(base, seconds, big_image, images):
     figures = Figures("kill")
     service = Service(base / "kill").start()
     try:
-        token = service.token("killer")
-        created, lock = {}, threading.Lock()
-        for n, data in enumerate(images[:3]):  # something to download from the start
-            answer = request(service, "POST", f"/images?name=seed{n}", token, body=data)
-            created[answer.json()["id"]] = (f"seed{n}", sha256(data))
-        stop = threading.Event()
-        cut_off = [0]
-
-        def uploader(k):
-            n = 0
-            while not stop.is_set():
-                n += 1
-                name = f"k{k}-{n}"
-                try:
-                    answer = send_slowly(service, f"/images?name={name}", token, big_image)
-                except CUT_OFF:
-                    with lock:
-                        cut_off[0] += 1  # the killed worker's uploads: expected
-                    continue
-                figures.count()
-                if answer.status == 201:
-                    with lock:
-                        created[answer.json()["id"]] = (name, sha256(big_image))
-                elif answer.status >= 500:
-                    figures.error(f"upload {answer.status}")
-
-        def downloader():
-            rng = random.Random(7)
-            while not stop.is_set():
-                with lock:
-                    image_id, (_, digest) = rng.choice(list(created.items()))
-                try:
-                    answer = request(service, "GET", f"/images/{image_id}", token,
-                                     headers={"Accept": DISK})
-                except CUT_OFF:
-                    with lock:
-                        cut_off[0] += 1
-                    continue
-                figures.count()
-                if answer.status >= 500 or (answer.status == 200
-                                            and sha256(answer.body) != digest):
-                    figures.error(f"download {answer.status}")
-
-        threads = [threading.Thread(target=uploader, args=(k,)) for k in range(4)]
-        threads += [threading.Thread(target=downloader) for _ in range(2)]
-        for t in threads:
-            t.start()
-        kills, left = 0, 0
-        incoming = service.store / ".incoming"
-        for _ in range(2):  # twice, a while apart, a worker that is surely busy
+        run = KillRun(service, service.token("killer"), big_image, figures)
+        run.seed(images[:3])
+        run.start(uploaders=4, downloaders=2)
+        left = 0
+        for _ in range(2):  # twice, a while apart
             time.sleep(seconds / 3)
-            victim = service.worker_pids()[0]
-            os.kill(victim, signal.SIGKILL)
-            kills += 1
-            # What the dead worker left, before its successor starts and sweeps it away.
-            left += sum(1 for p in incoming.iterdir() if p.name.startswith(f"{victim}-"))
+            left += run.kill_worker()
         time.sleep(seconds / 3)
-        stop.set()
-        for t in threads:
-            t.join()
+        run.finish()
         service.stop()
         before = audit(service)
         service.start()  # the restart, whose workers sweep what the killed ones left
-        found = verify_outcome(service, token, created, {}, figures)
+        found = verify_outcome(service, run.token, run.created, {}, figures)
         check_log_after_kill(service, figures)
-        figures.notes.insert(0, f"{kills} workers killed, leaving {left} temporary files; "
-                                f"{cut_off[0]} requests cut off; "
+        figures.notes.insert(0, f"2 workers killed, leaving {left} temporary files; "
+                                f"{run.cut_off} requests cut off; "
                                 f"before restart: {before.temp_files} temporary files, "
                                 f"{before.files_without_row} files without row, "
                                 f"{before.rows_without_file} rows without file; "
@@ -578,58 +615,78 @@ def scenario_diskfull(base, big_image, small_image, kind="tmpfs"):
 
 # --- scenario: slow clients -------------------------------------------------------------
 
+def open_slow_uploads(service, token, count, timeout):
+    """count connections that have sent upload headers for a 64 KiB body, and no body."""
+    sockets = []
+    for n in range(count):
+        s = socket.create_connection(("127.0.0.1", service.port), timeout=timeout)
+        s.sendall((f"POST /images?name=slow{n} HTTP/1.1\r\nHost: x\r\n"
+                   f"Authorization: Bearer {token}\r\nContent-Length: {64 << 10}\r\n\r\n")
+                  .encode())
+        sockets.append(s)
+    return sockets
+
+
+@contextlib.contextmanager
+def trickling(sockets):
+    """Send 4 bytes a second on every socket while the block runs."""
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.wait(1.0):
+            for s in sockets:
+                with contextlib.suppress(OSError):
+                    s.send(b"QFI\xfb")
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def fast_requests(service, token, seconds, image, timeout, figures):
+    """List, health and upload in turn for seconds; return how many answers and the images."""
+    fast, created, n = 0, {}, 0
+    stop_at = time.monotonic() + seconds
+    while time.monotonic() < stop_at:
+        n += 1
+        for method, path, body in (("GET", "/images", None), ("GET", "/healthz", None),
+                                   ("POST", f"/images?name=fast{n}", image)):
+            try:
+                answer = request(service, method, path, token, body=body, timeout=timeout)
+            except CUT_OFF as error:
+                figures.error(f"fast {method} {path}: {error!r}")
+                continue
+            figures.count()
+            fast += 1
+            if answer.status not in (200, 201):
+                figures.error(f"fast {method} {path}: {answer.status}")
+            elif method == "POST":
+                created[answer.json()["id"]] = (f"fast{n}", sha256(image))
+    return fast, created
+
+
 def scenario_slow(base, slow_clients, seconds, small_image, body_timeout):
     figures = Figures("slow")
     service = Service(base / "slow", {"BODY_READ_TIMEOUT": str(body_timeout)}).start()
     try:
         token = service.token("patient")
-        declared = 64 << 10
-        sockets = []
-        for n in range(slow_clients):
-            s = socket.create_connection(("127.0.0.1", service.port), timeout=body_timeout * 4)
-            s.sendall((f"POST /images?name=slow{n} HTTP/1.1\r\nHost: x\r\n"
-                       f"Authorization: Bearer {token}\r\nContent-Length: {declared}\r\n\r\n")
-                      .encode())
-            sockets.append(s)
-        stop = threading.Event()
-
-        def trickle():  # a few bytes a second on every slow connection
-            while not stop.wait(1.0):
-                for s in sockets:
-                    with contextlib.suppress(OSError):
-                        s.send(b"QFI\xfb")
-
-        trickler = threading.Thread(target=trickle)
-        trickler.start()
-        time.sleep(1.5)  # let every slow body be in a worker thread's hands
-        fast, created, n = 0, {}, 0
-        stop_at = time.monotonic() + seconds
-        while time.monotonic() < stop_at:
-            n += 1
-            for method, path, body in (("GET", "/images", None), ("GET", "/healthz", None),
-                                       ("POST", f"/images?name=fast{n}", small_image)):
-                try:
-                    answer = request(service, method, path, token, body=body,
-                                     timeout=body_timeout * 4)
-                except OSError as error:
-                    figures.error(f"fast {method} {path}: {error!r}")
-                    continue
-                figures.count()
-                fast += 1
-                if answer.status not in (200, 201):
-                    figures.error(f"fast {method} {path}: {answer.status}")
-                elif method == "POST":
-                    created[answer.json()["id"]] = (f"fast{n}", sha256(small_image))
-        # The fast requests were served while the slow bodies were still open: each slow
-        # connection is still waiting for its answer now.
-        still_open = sum(1 for s in sockets if not _answered(s))
-        if still_open < slow_clients:
-            figures.error(f"only {still_open} of {slow_clients} slow clients still open "
-                          f"after the fast requests: the measurement window was too long")
-        # Then the stalled bodies are dropped: each slow client gets a 408, nothing is kept.
-        answers = [_wait_answer(s, body_timeout * 3) for s in sockets]
-        stop.set()
-        trickler.join()
+        sockets = open_slow_uploads(service, token, slow_clients, body_timeout * 4)
+        with trickling(sockets):
+            time.sleep(1.5)  # let every slow body be in a worker thread's hands
+            fast, created = fast_requests(service, token, seconds, small_image,
+                                          body_timeout * 4, figures)
+            # The fast requests were served while the slow bodies were still open: each
+            # slow connection is still waiting for its answer now.
+            still_open = sum(1 for s in sockets if not _answered(s))
+            if still_open < slow_clients:
+                figures.error(f"only {still_open} of {slow_clients} slow clients still open "
+                              f"after the fast requests: the window was too long")
+            # Then the stalled bodies are dropped: each gets a 408, nothing is kept.
+            answers = [_wait_answer(s, body_timeout * 3) for s in sockets]
         for s in sockets:
             s.close()
         dropped = sum(1 for a in answers if a == 408)

@@ -40,13 +40,21 @@ class Staged:
 
 
 def _pid_alive(pid):
+    """Whether a process with this pid runs; a zombie (killed, not yet reaped) does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    except OSError:  # no /proc: fall back to asking the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
+    return state not in ("Z", "X")
 
 
 def sweep_temp_folder(folder):

@@ -133,10 +133,17 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'test.sqlite3'}"
     else:
-        url = request.getfixturevalue("pg_session_url")
-        open_database(url)
-        truncate_all()
-        yield url
+        yield request.getfixturevalue("pg_database_url")
+    if not db.is_closed():
+        db.close()
+
+
+@pytest.fixture
+def pg_database_url(pg_session_url):
+    """This session's PostgreSQL schema, emptied for the test."""
+    open_database(pg_session_url)
+    truncate_all()
+    yield pg_session_url
     if not db.is_closed():
         db.close()
 

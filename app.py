@@ -27,10 +27,7 @@ def create_app(test_config=None, instance_path=None):
     store.sweep()
     app.extensions["storage"] = store
 
-    @app.before_request
-    def connect_db():
-        db.connect(reuse_if_open=True)
-
+    # Peewee connects on the first query of a request; this hands it back after.
     @app.teardown_request
     def close_db(exc):
         if not db.is_closed():

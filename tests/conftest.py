@@ -387,8 +387,12 @@ def start_server(instance, extra_env=None, port=None):
     for name in ("DATABASE_URL", "STORAGE_URL", "PUBLIC_URL"):
         if name not in (extra_env or {}):
             env.pop(name, None)
+    Path(instance).mkdir(parents=True, exist_ok=True)
+    # A file, not a pipe: a pipe nobody reads would block the server once it fills.
+    log = open(Path(instance) / "gunicorn.log", "ab")  # noqa: SIM115 - the server holds it
     process = subprocess.Popen(procfile_command(), cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               stdout=log, stderr=subprocess.STDOUT)
+    log.close()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -399,7 +403,8 @@ def start_server(instance, extra_env=None, port=None):
         except OSError:
             time.sleep(0.1)
     process.kill()
-    raise RuntimeError("gunicorn did not start: " + process.stderr.read().decode()[-2000:])
+    output = (Path(instance) / "gunicorn.log").read_text(errors="replace")
+    raise RuntimeError("gunicorn did not start: " + output[-2000:])
 
 
 def stop_server(server):

@@ -191,8 +191,8 @@ class S3Server:
                             aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
-def wait_for_http(url, process, timeout=30):
-    """Wait until url answers at all; raise with the process's stderr if it never does."""
+def wait_for_http(url, process, log, timeout=30):
+    """Wait until url answers at all; raise with the end of the log if it never does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -205,18 +205,21 @@ def wait_for_http(url, process, timeout=30):
                 break
             time.sleep(0.1)
     process.kill()
-    raise RuntimeError(f"{url} never answered: " + process.stderr.read().decode()[-2000:])
+    raise RuntimeError(f"{url} never answered: " + log.read_text(errors="replace")[-2000:])
 
 
 @pytest.fixture(scope="session")
-def s3_server():
+def s3_server(tmp_path_factory):
     """moto_server from the venv on a free loopback port, for this test session."""
     port = free_port()
     command = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
                "-p", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    # A file, not a pipe: moto logs every request, and a full pipe would stop it.
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/", process)
+        wait_for_http(f"http://127.0.0.1:{port}/", process, log)
         yield S3Server(f"http://127.0.0.1:{port}")
     finally:
         process.terminate()

@@ -109,5 +109,5 @@ def test_racing_uploads_of_one_name(live_server, alice, image_file):
     assert statuses == [201, 400]
     loser = next(body for status, _, body in results if status == 400)
     assert json.loads(loser) == {"name": ["Name already exists"]}
-    status, _, body = request(live_server, "GET", "/images?search=race", alice)
+    _, _, body = request(live_server, "GET", "/images?search=race", alice)
     assert len(json.loads(body)) == 1

@@ -118,13 +118,16 @@ def pg_session_url(pg_schemas):
     return url
 
 
-def truncate_all():
-    """Empty every table and restart the ids: much faster than new tables per test."""
-    tables = ", ".join(f'"{model._meta.table_name}"' for model in MODELS)
+def empty_tables():
+    """Delete every row and restart the ids. Measured here: about 10 ms, where
+    TRUNCATE ... RESTART IDENTITY takes 300-400 ms (it makes new files for each table)."""
     with db.connection_context(), db.atomic():
-        # A connection left inside a transaction would block TRUNCATE: fail, don't hang.
+        # A connection left inside a transaction would block this: fail, don't hang.
         db.execute_sql("SET LOCAL lock_timeout = '10s'")
-        db.execute_sql(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
+        for model in reversed(MODELS):  # images before namespaces before users
+            db.execute_sql(f'DELETE FROM "{model._meta.table_name}"')
+        db.execute_sql("SELECT setval(oid, 1, false) FROM pg_class WHERE relkind = 'S' "
+                       "AND relnamespace = current_schema()::regnamespace")
 
 
 @pytest.fixture(params=ENGINES)
@@ -142,7 +145,7 @@ def database_url(request, tmp_path):
 def pg_database_url(pg_session_url):
     """This session's PostgreSQL schema, emptied for the test."""
     open_database(pg_session_url)
-    truncate_all()
+    empty_tables()
     yield pg_session_url
     if not db.is_closed():
         db.close()

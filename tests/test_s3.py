@@ -118,6 +118,19 @@ def test_delete_removes_the_object(client, s3_bucket, alice, upload):
     assert client.get(f"/images/{image['id']}", headers=alice.headers).status_code == 404
 
 
+def test_delete_when_the_store_fails_is_still_a_delete(client, store, s3_bucket, alice,
+                                                      upload, runner, app):
+    image = upload(alice).json
+    real_bucket, store.bucket = store.bucket, "no-such-bucket-here"  # the store now refuses
+    assert client.delete(f"/images/{image['id']}", headers=alice.headers).status_code == 204
+    assert client.get(f"/images/{image['id']}", headers=alice.headers).status_code == 404
+    store.bucket = real_bucket
+    assert len(s3_bucket.objects()) == 1  # an orphan, for the sweep
+    with app.app_context():
+        runner.invoke(args=["sweep", "--min-age", "0"])
+    assert s3_bucket.objects() == {}
+
+
 def test_refused_upload_leaves_no_object_no_row_no_staged_file(store, s3_bucket, alice,
                                                                upload):
     refused = upload(alice, data=b"not a qcow2 image" * 100)

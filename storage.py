@@ -151,7 +151,8 @@ BOTO_ERRORS = (BotoCoreError, ClientError, Boto3Error)
 def s3_client():
     """A thread-safe S3 client, configured by boto3 from the standard AWS_* variables.
 
-    Presigned URLs use SigV4 (every region and S3-compatible server takes it).
+    Requests and presigned URLs use SigV4, which every AWS region and current
+    S3-compatible servers take.
     On AWS itself objects are addressed as bucket.s3.REGION.amazonaws.com; any
     other endpoint (AWS_ENDPOINT_URL: MinIO, Ceph, moto) gets path-style URLs,
     which those serve without wildcard DNS.
@@ -180,7 +181,7 @@ class S3Reader:
         self._body = None
 
     def seek(self, offset, whence=io.SEEK_SET):
-        """Start reading at offset from the object's start (only before reading)."""
+        """Start reading at offset from the object's start: a new (ranged) GET."""
         if whence != io.SEEK_SET:
             raise io.UnsupportedOperation("S3Reader seeks from the start only")
         self._close_body()

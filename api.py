@@ -71,7 +71,8 @@ def get_image(image_id):
     """The image as JSON, or the file itself when Accept asks for a disk type."""
     mimetype = negotiate(request.headers.get("Accept"))
     if mimetype is None:
-        raise ApiError(406, f"Not Acceptable: ask for {JSON} or one of {', '.join(DISK_TYPES)}")
+        raise ApiError(406, f"Not Acceptable: ask for {JSON} or one of {', '.join(DISK_TYPES)}",
+                       {"Vary": "Accept"})
     image = images.readable_image(g.user, image_id)
     if mimetype != JSON:
         return send_image(image, mimetype)

@@ -116,6 +116,13 @@ def follow_link(token, filename):
 def send_image(image, mimetype):
     """The download answer for image, by whichever way the storage serves files."""
     store = storage()
+    # A store that serves downloads itself (S3 with redirects on) gets the client
+    # sent there, where Range and conditionals then work. HEAD is answered here:
+    # a presigned URL is signed for GET alone.
+    url = request.method == "GET" and store.download_url(
+        image.storage_key, f"{image.name}.qcow2", mimetype)
+    if url:
+        return Response(status=302, headers={"Location": url, "Vary": "Accept"})
     return file_response(
         request, lambda: store.open(image.storage_key), size=image.size, mimetype=mimetype,
         etag=image.sha256, last_modified=images.last_modified(image),

@@ -22,7 +22,8 @@ def create_app(test_config=None, instance_path=None):
 
     open_database(app.config["DATABASE_URL"])
     create_tables()
-    store = storage_from_url(app.config["STORAGE_URL"])
+    store = storage_from_url(app.config["STORAGE_URL"], app.config["STAGING_DIR"],
+                             app.config["S3_REDIRECT_DOWNLOADS"])
     store.sweep()
     app.extensions["storage"] = store
 

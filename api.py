@@ -84,7 +84,8 @@ def get_image(image_id):
     """The image as JSON, or the file itself when Accept asks for a disk type."""
     mimetype = negotiate(request.headers.get("Accept"))
     if mimetype is None:
-        raise ApiError(406, f"Not Acceptable: ask for {JSON} or one of {', '.join(DISK_TYPES)}")
+        raise ApiError(406, f"Not Acceptable: ask for {JSON} or one of {', '.join(DISK_TYPES)}",
+                       {"Vary": "Accept"})
     image = images.readable_image(g.user, image_id)
     if mimetype != JSON:
         return send_image(image, mimetype)
@@ -128,6 +129,13 @@ def follow_link(token, filename):
 def send_image(image, mimetype):
     """The download answer for image, by whichever way the storage serves files."""
     store = storage()
+    # A store that serves downloads itself (S3 with redirects on) gets the client
+    # sent there, where Range and conditionals then work. HEAD is answered here:
+    # a presigned URL is signed for GET alone.
+    url = request.method == "GET" and store.download_url(
+        image.storage_key, f"{image.name}.qcow2", mimetype)
+    if url:
+        return Response(status=302, headers={"Location": url, "Vary": "Accept"})
 
     def open_file():
         try:

@@ -23,15 +23,13 @@ def create_app(test_config=None, instance_path=None):
 
     open_database(app.config["DATABASE_URL"])
     create_tables()
-    store = storage_from_url(app.config["STORAGE_URL"])
+    store = storage_from_url(app.config["STORAGE_URL"], app.config["STAGING_DIR"],
+                             app.config["S3_REDIRECT_DOWNLOADS"])
     with db.connection_context():
         recover(store)  # what a killed worker left: temporary files, half-done keys
     app.extensions["storage"] = store
 
-    @app.before_request
-    def connect_db():
-        db.connect(reuse_if_open=True)
-
+    # Peewee connects on the first query of a request; this hands it back after.
     @app.teardown_request
     def close_db(exc):
         if not db.is_closed():

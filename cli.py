@@ -2,7 +2,7 @@
 
 import click
 from flask import current_app
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 from peewee import IntegrityError
 
 import images
@@ -102,6 +102,7 @@ def add_collaborator(ref, username):
 
 
 @click.command("init-db")
+@with_appcontext
 def init_db():
     """Create the tables and indexes (idempotent)."""
     create_tables()
@@ -109,6 +110,7 @@ def init_db():
 
 
 @click.command("sweep")
+@with_appcontext
 @click.option("--min-age", default=3600, show_default=True,
               help="only remove orphan files older than this many seconds")
 def sweep(min_age):

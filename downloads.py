@@ -1,48 +1,112 @@
-"""Serving an image file like a static file server: types, ranges, conditions, sendfile."""
+"""Serving an image file like a static file server: types, ranges, conditions, sendfile.
+
+The rules follow RFC 9110: preconditions in the order of section 13.2.2, single
+byte ranges (14.1.2), If-Range with strong comparison (13.1.5), and Range only on
+GET (14.2). The file itself goes to the server's wsgi.file_wrapper, which gunicorn
+turns into sendfile(2): no byte of it passes through Python.
+"""
+
+import re
 
 from werkzeug.datastructures import MIMEAccept
-from werkzeug.http import http_date, is_resource_modified, parse_accept_header
+from werkzeug.http import http_date, parse_accept_header, parse_date, parse_etags
 from werkzeug.wrappers import Response
 from werkzeug.wsgi import wrap_file
 
-from errors import ApiError
+from errors import ApiError, not_found
 
 JSON = "application/json"
 DISK_TYPES = ("application/x-qemu-disk", "application/octet-stream")
+
+# One range, as RFC 9110 14.1.2 writes it: first-pos "-" [last-pos], or "-" suffix-length.
+_SINGLE_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
+# Past this many digits a position is beyond any file; int() of thousands of digits would raise.
+_MAX_DIGITS = 18
+# Where sendfile cannot be used, Python reads in pieces this big (8 KiB costs 5x the CPU).
+READ_SIZE = 1 << 20
 
 
 def negotiate(accept_header):
     """Pick JSON or a disk type from an Accept header; None when it allows neither.
 
     No header, or */*, means JSON: it is listed first, and werkzeug keeps the
-    server's order among equally good matches.
+    server's order among equally good matches; a more specific range wins a tie,
+    and q=0 excludes a type even when a wildcard would allow it. Media type
+    parameters other than q are ignored, so `application/json; charset=utf-8`
+    still asks for JSON.
     """
     if not accept_header or not accept_header.strip():
         return JSON
-    accept = parse_accept_header(accept_header, MIMEAccept)
-    return accept.best_match((JSON, *DISK_TYPES))
+    ranges = [(value.split(";", 1)[0].strip(), q)
+              for value, q in parse_accept_header(accept_header)]
+    return MIMEAccept(ranges).best_match((JSON, *DISK_TYPES))
 
 
-def _byte_range(request, size, etag, last_modified):
-    """The (start, end) that a Range header asks for, None for the whole file.
+def _position(digits):
+    """A byte position from the header; huge ones are capped (they are past any file)."""
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
 
-    Raises 416 for a range past the end. A malformed Range, several ranges, or a
-    stale If-Range mean the whole file, as RFC 9110 allows.
+
+def parse_range(header, size):
+    """The (start, end) that one byte range asks for, end exclusive; None for the whole file.
+
+    A malformed Range, another unit, or several ranges are ignored (the whole
+    file), as RFC 9110 allows. A range that starts at or past the end, or a
+    zero-length suffix, is unsatisfiable: 416 with `Content-Range: bytes */size`.
     """
-    if "Range" not in request.headers:
+    match = _SINGLE_RANGE.fullmatch(header.strip())
+    if match is None or match.groups() == ("", ""):
         return None
-    if_range = request.if_range
-    if if_range.etag is not None and if_range.etag != etag:
-        return None
-    if if_range.date is not None and if_range.date != last_modified:
-        return None
-    parsed = request.range
-    if parsed is None or parsed.units != "bytes" or len(parsed.ranges) != 1:
-        return None
-    span = parsed.range_for_length(size)
-    if span is None:
+    first, last = match.groups()
+    if first:
+        start = _position(first)
+        if last and _position(last) < start:
+            return None
+        end = min(_position(last) + 1, size) if last else size
+    else:
+        start, end = max(size - _position(last), 0), size
+    if start >= end:
         raise ApiError(416, "Range Not Satisfiable", {"Content-Range": f"bytes */{size}"})
-    return span
+    return start, end
+
+
+def if_range_matches(value, etag, last_modified):
+    """Whether If-Range names the current file: the same strong ETag, or exactly its date."""
+    value = value.strip()
+    if value.startswith('"'):
+        return value == f'"{etag}"'
+    if value.startswith("W/"):
+        return False  # If-Range compares strongly, so a weak tag never matches
+    return parse_date(value) == last_modified
+
+
+def precondition(headers, etag, last_modified):
+    """RFC 9110 13.2.2 steps 1-4 for GET/HEAD: 412 or 304 when one applies, else None."""
+    if "If-Match" in headers:
+        if not parse_etags(headers["If-Match"]).contains(etag):  # strong comparison
+            return 412
+    elif "If-Unmodified-Since" in headers:
+        date = parse_date(headers["If-Unmodified-Since"])
+        if date is not None and last_modified > date:
+            return 412
+    if "If-None-Match" in headers:
+        if parse_etags(headers["If-None-Match"]).contains_weak(etag):  # weak comparison
+            return 304
+    elif "If-Modified-Since" in headers:
+        date = parse_date(headers["If-Modified-Since"])
+        if date is not None and last_modified <= date:
+            return 304
+    return None
+
+
+def _requested_range(request, size, etag, last_modified):
+    """The range to send, or None for the whole file (RFC 9110 13.2.2 step 5, 14.2)."""
+    if request.method != "GET" or "Range" not in request.headers:
+        return None  # Range is defined for GET alone; HEAD answers as a GET without it
+    if_range = request.headers.get("If-Range")
+    if if_range is not None and not if_range_matches(if_range, etag, last_modified):
+        return None
+    return parse_range(request.headers["Range"], size)
 
 
 def file_response(request, opener, *, size, mimetype, etag, last_modified, filename):
@@ -59,22 +123,59 @@ def file_response(request, opener, *, size, mimetype, etag, last_modified, filen
         "Vary": "Accept",
         "Content-Disposition": f'attachment; filename="{filename}"',
     }
-    if request.if_match and not request.if_match.contains(etag):
+    refusal = precondition(request.headers, etag, last_modified)
+    if refusal == 412:
         raise ApiError(412, "Precondition Failed", headers)
-    if not is_resource_modified(request.environ, etag=etag, last_modified=last_modified,
-                                ignore_if_range=True):
+    if refusal == 304:
         return Response(status=304, headers=headers)
-    status, start, end = 200, 0, size
-    span = _byte_range(request, size, etag, last_modified)
+    try:
+        span = _requested_range(request, size, etag, last_modified)
+    except ApiError as error:
+        error.headers = {**headers, **error.headers}
+        raise
+    start, end = span or (0, size)
     if span is not None:
-        status, (start, end) = 206, span
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-    if request.method == "HEAD":
-        body = []
-    else:
-        f = opener()
-        f.seek(start)
-        body = wrap_file(request.environ, f)
-    response = Response(body, status, headers=headers, mimetype=mimetype, direct_passthrough=True)
+    body = [] if request.method == "HEAD" else _span(request.environ, opener, start, end)
+    response = Response(body, 206 if span else 200, headers=headers, mimetype=mimetype,
+                        direct_passthrough=True)
     response.content_length = end - start
     return response
+
+
+class FileSpan:
+    """An open file positioned at start that reads no further than end.
+
+    fileno() and the file's position are what gunicorn's sendfile path uses (with
+    Content-Length as the count); read() bounds every other path (gunicorn serving
+    TLS itself, or another WSGI server), which would otherwise read on to EOF.
+    """
+
+    def __init__(self, file, start, end):
+        file.seek(start)
+        self.file = file
+        self.left = end - start
+
+    def fileno(self):
+        """The real descriptor, so that the server can sendfile from it."""
+        return self.file.fileno()
+
+    def read(self, size=-1):
+        """Up to size bytes, never past the span's end."""
+        size = self.left if size < 0 else min(size, self.left)
+        data = self.file.read(size)
+        self.left -= len(data)
+        return data
+
+    def close(self):
+        """Close the file; the server calls this when the answer ends, cut off or not."""
+        self.file.close()
+
+
+def _span(environ, opener, start, end):
+    """The file's bytes start..end, wrapped for the server's sendfile; 404 if it has gone."""
+    try:
+        file = opener()
+    except FileNotFoundError:
+        raise not_found() from None  # deleted between the lookup and now
+    return wrap_file(environ, FileSpan(file, start, end), buffer_size=READ_SIZE)

@@ -5,6 +5,8 @@ import errno
 from flask import jsonify
 from werkzeug.exceptions import HTTPException
 
+from storage import StorageUnavailable
+
 
 class ApiError(Exception):
     """An error with a status and a message: {"message": "..."}."""
@@ -41,7 +43,9 @@ DISK_FULL = "Insufficient Storage: the image store is full"
 
 def disk_full(error):
     """Whether error, or an error it came from, says that a disk is full."""
-    while error is not None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if "database or disk is full" in str(error):  # SQLite's word for it
@@ -67,6 +71,13 @@ def register_error_handlers(app):
         # Keep werkzeug's headers (Allow on 405, WWW-Authenticate) but not its HTML.
         headers = [(k, v) for k, v in error.get_headers() if k.lower() != "content-type"]
         return _json(error.code or 500, {"message": error.name}, headers)
+
+    @app.errorhandler(StorageUnavailable)
+    def storage_unavailable(error):
+        # The message names the bucket: log it, answer without it.
+        app.logger.error("image store unavailable: %s", error)
+        return _json(503, {"message": "Image store unavailable, try again later"},
+                     {"Retry-After": "30"})
 
     @app.errorhandler(Exception)
     def unexpected_error(error):

@@ -23,3 +23,6 @@ graceful_timeout = 30
 keepalive = 5 if worker_connections > threads else 0
 accesslog = "-"
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+# gunicorn 27's control socket has one default path per user; several instances on
+# one machine (tests, or two services side by side) would take it from each other.
+control_socket_disable = True

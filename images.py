@@ -15,6 +15,7 @@ from namespaces import (
     parse_namespace_ref,
     resolve_upload_target,
 )
+from storage import StorageUnavailable
 
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 PAGE_SIZE = 25
@@ -187,7 +188,12 @@ def _remove_file(storage, key):
 
 def delete_image(image, storage):
     """Remove the row, then the file once the row is surely gone (under an intent, so
-    that a crash between the two leaves nothing that recover() does not remove)."""
+    that a crash between the two leaves nothing that recover() does not remove).
+
+    Once the row is gone the image is gone: a store that fails to remove the file keeps
+    the intent, and the file is removed by the next recover() or `flask sweep`, not an
+    error for the client.
+    """
     storage.intend(image.storage_key)
     try:
         with write_transaction():
@@ -195,7 +201,10 @@ def delete_image(image, storage):
     except BaseException:
         storage.settle(image.storage_key)  # the row is still there, and so is the file
         raise
-    _remove_file(storage, image.storage_key)
+    try:
+        _remove_file(storage, image.storage_key)
+    except StorageUnavailable as error:
+        log.warning("image %s deleted, its file left for the sweep: %s", image.id, error)
 
 
 def recover(storage):

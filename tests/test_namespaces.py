@@ -1,0 +1,144 @@
+"""Namespaces: path[@owner], auto-creation, owners and collaborators, visibility on the root."""
+
+import pytest
+
+from errors import ValidationError
+from models import Collaborator, Image, Namespace
+from namespaces import ensure_namespace, parse_namespace_ref
+
+
+@pytest.mark.parametrize("text, segments, owner", [
+    ("djinn", ("djinn",), None),
+    ("a/b/c", ("a", "b", "c"), None),
+    ("team@alice", ("team",), "alice"),
+    ("/".join(["x"] * 20), ("x",) * 20, None),
+])
+def test_parse_valid_refs(text, segments, owner):
+    ref = parse_namespace_ref(text)
+    assert (ref.segments, ref.owner) == (segments, owner)
+
+
+@pytest.mark.parametrize("text", ["", "a//b", "/a", "a/", "a-b", "a_b", "a b", "@alice",
+                                  "a@", "a@b@c", "/".join(["x"] * 21), "ä"])
+def test_parse_invalid_refs(text):
+    with pytest.raises(ValidationError) as error:
+        parse_namespace_ref(text)
+    assert list(error.value.fields) == ["namespace"]
+
+
+def test_upload_creates_missing_private_namespaces(alice, upload):
+    image = upload(alice, namespace="djinn/ci/go").json
+    ns = image["namespace"]
+    assert ns["path"] == "djinn/ci/go" and ns["name"] == "go"
+    assert ns["visibility"] == "private"
+    assert ns["user_id"] == alice.user.id and ns["user"]["username"] == "alice"
+    root = Namespace.get(Namespace.path == "djinn")
+    assert ns["root_id"] == root.id and root.root_id == root.id
+    assert ns["parent_id"] == Namespace.get(Namespace.path == "djinn/ci").id
+    assert ns["url"].endswith("/n/alice/djinn/ci/go")
+    assert image["namespace_id"] == ns["id"]
+
+
+def test_own_namespace_by_explicit_owner(alice, upload):
+    assert upload(alice, namespace="mine@alice").status_code == 201
+    assert Namespace.get(Namespace.path == "mine").user_id == alice.user.id
+
+
+def test_failed_upload_creates_no_namespace(alice, upload, store_files):
+    response = upload(alice, namespace="newns", data=b"not an image")
+    assert response.status_code == 400
+    assert Namespace.select().count() == 0
+    assert store_files() == []
+
+
+def test_names_unique_within_a_namespace_not_across(alice, upload):
+    assert upload(alice, name="img", namespace="a").status_code == 201
+    assert upload(alice, name="img", namespace="b").status_code == 201
+    assert upload(alice, name="img").status_code == 201
+    again = upload(alice, name="img", namespace="a")
+    assert again.status_code == 400 and again.json == {"name": ["Name already exists"]}
+
+
+@pytest.fixture
+def team(app, alice, bob):
+    """alice's namespace team/sub, with bob as collaborator on the root."""
+    ns = ensure_namespace(alice.user, ("team", "sub"))
+    Collaborator.create(namespace=ns.root_id, user=bob.user)
+    return ns
+
+
+def test_someone_elses_namespace_needs_collaboration(make_account, alice, upload, team):
+    carol = make_account("carol")
+    response = upload(carol, namespace="team@alice")
+    assert response.status_code == 400
+    assert response.json == {"namespace": ["Namespace permission denied"]}
+
+
+def test_missing_namespace_of_someone_else_is_not_created(make_account, alice, upload):
+    carol = make_account("carol")
+    for ref in ("nothere@alice", "x@nobody"):
+        response = upload(carol, namespace=ref)
+        assert response.json == {"namespace": ["Namespace permission denied"]}
+    assert Namespace.select().count() == 0
+
+
+def test_collaborator_uploads_into_child_of_root(client, alice, bob, upload, team):
+    response = upload(bob, name="shared", namespace="team/sub@alice")
+    assert response.status_code == 201
+    image = response.json
+    assert image["author_id"] == bob.user.id
+    assert image["user_id"] == alice.user.id
+    names = {i["name"] for i in client.get("/images", headers=alice.headers).json}
+    assert "shared" in names
+    names = {i["name"] for i in client.get("/images", headers=bob.headers).json}
+    assert "shared" in names
+
+
+def test_collaborator_cannot_create_new_paths_under_someone_else(bob, upload, team):
+    response = upload(bob, namespace="team/new@alice")
+    assert response.json == {"namespace": ["Namespace permission denied"]}
+
+
+def test_collaborator_sees_gets_and_deletes(client, alice, bob, upload, team):
+    image_id = upload(alice, name="x", namespace="team/sub").json["id"]
+    assert client.get(f"/images/{image_id}", headers=bob.headers).status_code == 200
+    assert client.delete(f"/images/{image_id}", headers=bob.headers).status_code == 204
+
+
+@pytest.mark.parametrize("visibility, visible", [("private", False), ("internal", True),
+                                                 ("public", True)])
+def test_root_visibility_lets_others_get_but_not_list_or_delete(
+        client, alice, make_account, upload, visibility, visible):
+    root = ensure_namespace(alice.user, ("pub",), visibility)
+    ensure_namespace(alice.user, ("pub", "child"))
+    assert root.visibility == visibility
+    image_id = upload(alice, namespace="pub/child").json["id"]
+    carol = make_account("carol")
+    got = client.get(f"/images/{image_id}", headers=carol.headers)
+    assert got.status_code == (200 if visible else 404)
+    assert client.get("/images", headers=carol.headers).json == []
+    assert client.delete(f"/images/{image_id}", headers=carol.headers).status_code == 404
+    assert Image.get_or_none(Image.id == image_id) is not None
+
+
+def test_list_shows_namespaces_of_owner_and_collaborations_with_few_queries(
+        client, alice, bob, upload, team):
+    from peewee import Database
+    upload(alice, name="own")
+    upload(alice, name="teamimg", namespace="team/sub")
+    upload(bob, name="bobs")
+    queries = []
+    original = Database.execute_sql
+
+    def counting(self, sql, *args, **kwargs):
+        queries.append(sql)
+        return original(self, sql, *args, **kwargs)
+
+    Database.execute_sql = counting
+    try:
+        response = client.get("/images", headers=bob.headers)
+    finally:
+        Database.execute_sql = original
+    assert {i["name"] for i in response.json} == {"teamimg", "bobs"}
+    assert response.json[1]["namespace"]["user"]["username"] == "alice"
+    assert len(queries) <= 2  # the token with its user, then one page with every relation

@@ -1,6 +1,8 @@
 """The HTTP routes: thin wrappers that read the request, call the rules, shape the answer."""
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+import os
+
+from flask import Blueprint, Response, current_app, g, jsonify, request, send_file
 from peewee import PeeweeException
 
 import images
@@ -10,10 +12,13 @@ from errors import ApiError, ValidationError, not_found
 from links import link_matches, parse_expires_in, read_link, sign_link
 from models import db
 from qcow2 import ImageRefused, inspect_qcow2
-from uploads import body_stream, check_upload_headers, receive_body
+from uploads import body_stream, check_upload_headers, receive_body, watch_body
 from web import base_url, link_header
 
 bp = Blueprint("api", __name__)
+
+# The API's description, kept beside the code and checked against the routes by the tests.
+OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
 
 
 def storage():
@@ -34,6 +39,12 @@ def healthz():
     return jsonify(status="ok")
 
 
+@bp.get("/openapi.json")
+def openapi_document():
+    """The OpenAPI 3.1 description of this API; no token needed."""
+    return send_file(OPENAPI_PATH, mimetype="application/json")
+
+
 @bp.get("/images")
 @require_scope("image:read")
 def list_images():
@@ -51,11 +62,13 @@ def list_images():
 @require_scope("image:write")
 def create_image():
     """Stream the body to a temporary file, inspect it, store it, record it."""
-    max_size = current_app.config["MAX_IMAGE_SIZE"]
+    config = current_app.config
+    max_size = config["MAX_IMAGE_SIZE"]
     check_upload_headers(request, max_size)
     plan = images.plan_upload(g.user, request.args.get("name"), request.args.get("namespace"))
-    with storage().staging() as staged:
-        size, sha256 = receive_body(body_stream(request), staged.file, max_size)
+    with storage().staging() as staged, watch_body(request, config["BODY_READ_TIMEOUT"]) as watch:
+        stream, length = body_stream(request)
+        size, sha256 = receive_body(stream, staged.file, max_size, length, watch)
         try:
             info = inspect_qcow2(staged.path, current_app.config["MAX_VIRTUAL_SIZE"])
         except ImageRefused as refusal:
@@ -116,8 +129,22 @@ def follow_link(token, filename):
 def send_image(image, mimetype):
     """The download answer for image, by whichever way the storage serves files."""
     store = storage()
+    # A store that serves downloads itself (S3 with redirects on) gets the client
+    # sent there, where Range and conditionals then work. HEAD is answered here:
+    # a presigned URL is signed for GET alone.
+    url = request.method == "GET" and store.download_url(
+        image.storage_key, f"{image.name}.qcow2", mimetype)
+    if url:
+        return Response(status=302, headers={"Location": url, "Vary": "Accept"})
+
+    def open_file():
+        try:
+            return store.open(image.storage_key)
+        except FileNotFoundError:  # deleted since the row was read: as if it never existed
+            raise not_found() from None
+
     return file_response(
-        request, lambda: store.open(image.storage_key), size=image.size, mimetype=mimetype,
+        request, open_file, size=image.size, mimetype=mimetype,
         etag=image.sha256, last_modified=images.last_modified(image),
         filename=f"{image.name}.qcow2",
     )

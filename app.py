@@ -9,6 +9,7 @@ from api import bp
 from cli import register_cli
 from config import load_config
 from errors import register_error_handlers
+from images import recover
 from models import create_tables, db, open_database
 from storage import storage_from_url
 
@@ -22,8 +23,10 @@ def create_app(test_config=None, instance_path=None):
 
     open_database(app.config["DATABASE_URL"])
     create_tables()
-    store = storage_from_url(app.config["STORAGE_URL"])
-    store.sweep()
+    store = storage_from_url(app.config["STORAGE_URL"], app.config["STAGING_DIR"],
+                             app.config["S3_REDIRECT_DOWNLOADS"])
+    with db.connection_context():
+        recover(store)  # what a killed worker left: temporary files, half-done keys
     app.extensions["storage"] = store
 
     # Peewee connects on the first query of a request; this hands it back after.

@@ -116,11 +116,11 @@ def init_db():
 def sweep(min_age):
     """Remove temporary files of dead workers and stored files that have no row."""
     store = current_app.extensions["storage"]
-    removed = store.sweep()
+    removed, settled = images.recover(store)
     orphans = images.orphan_keys(store, older_than=min_age)
     for key in orphans:
         store.delete(key)
-    click.echo(f"removed {removed} temporary files and {len(orphans)} orphan files")
+    click.echo(f"removed {removed} temporary files and {settled + len(orphans)} orphan files")
 
 
 def register_cli(app):

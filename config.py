@@ -54,4 +54,9 @@ def load_config(instance_path, environ=None):
         "PUBLIC_URL": (env.get("PUBLIC_URL") or "").rstrip("/") or None,
         "TRUST_PROXY_HEADERS": _flag(env.get("TRUST_PROXY_HEADERS", "")),
         "S3_REDIRECT_DOWNLOADS": _flag(env.get("S3_REDIRECT_DOWNLOADS", "1")),
+        # Where uploads to an s3:// store are staged for inspection (local disk).
+        "STAGING_DIR": env.get("STAGING_DIR") or os.path.join(instance_path, "tmp"),
+        # Longest wait for each MiB of an upload body (or the rest, when less): a slower
+        # client (under ~8.5 KiB/s) is cut off with 408 so it cannot hold a worker thread.
+        "BODY_READ_TIMEOUT": float(env.get("BODY_READ_TIMEOUT", "120")),
     }

@@ -1,7 +1,11 @@
 """Errors that the rules raise, and the one place that turns every error into JSON."""
 
+import errno
+
 from flask import jsonify
 from werkzeug.exceptions import HTTPException
+
+from storage import StorageUnavailable
 
 
 class ApiError(Exception):
@@ -34,6 +38,23 @@ def _json(status, body, headers=None):
     return response
 
 
+DISK_FULL = "Insufficient Storage: the image store is full"
+
+
+def disk_full(error):
+    """Whether error, or an error it came from, says that a disk is full."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "database or disk is full" in str(error):  # SQLite's word for it
+            return True
+        # peewee keeps the driver's error in .orig
+        error = error.__cause__ or error.__context__ or getattr(error, "orig", None)
+    return False
+
+
 def register_error_handlers(app):
     """Make every error, werkzeug's own included, a JSON answer without a trace."""
 
@@ -51,7 +72,18 @@ def register_error_handlers(app):
         headers = [(k, v) for k, v in error.get_headers() if k.lower() != "content-type"]
         return _json(error.code or 500, {"message": error.name}, headers)
 
+    @app.errorhandler(StorageUnavailable)
+    def storage_unavailable(error):
+        # The message names the bucket: log it, answer without it.
+        app.logger.error("image store unavailable: %s", error)
+        return _json(503, {"message": "Image store unavailable, try again later"},
+                     {"Retry-After": "30"})
+
     @app.errorhandler(Exception)
     def unexpected_error(error):
+        # Any write may meet a full disk (fsync, rename, SQLite), not only the body's.
+        if disk_full(error):
+            app.logger.warning("disk full: %s", error)
+            return _json(507, {"message": DISK_FULL})
         app.logger.exception("unhandled error")
         return _json(500, {"message": "Internal Server Error"})

@@ -1,6 +1,7 @@
 """The rules about images: who sees which, listing, creating and deleting, and their JSON."""
 
 import functools
+import logging
 import operator
 import re
 from datetime import UTC
@@ -16,10 +17,15 @@ from namespaces import (
     parse_namespace_ref,
     resolve_upload_target,
 )
+from storage import StorageUnavailable
 
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 PAGE_SIZE = 25
+# Ids are 64-bit in every database; a larger one from a URL names nothing (and would
+# overflow SQLite's integer binding).
+MAX_ID = (1 << 63) - 1
 NAME_TAKEN = "Name already exists"
+log = logging.getLogger(__name__)
 
 
 def rfc3339(moment):
@@ -77,7 +83,8 @@ def _name_contains(text):
 
 def parse_page(value):
     """1-based page; a missing, non-numeric or < 1 value means 1."""
-    return int(value) if value and value.isdigit() and int(value) >= 1 else 1
+    # isascii: str.isdigit() also accepts '²', which int() refuses.
+    return int(value) if value and value.isascii() and value.isdigit() and int(value) >= 1 else 1
 
 
 # SQLite allows 500 terms in a compound SELECT; past this many shared namespaces, they are
@@ -111,6 +118,8 @@ def list_images(user, search, page):
     Two queries: the shared namespaces, then the page's images with their relations.
     """
     offset = (page - 1) * PAGE_SIZE
+    if offset > MAX_ID:  # past any table's end, and past what the database can bind
+        return [], False
     count = offset + PAGE_SIZE + 1
     columns = (Image.id, Image.created_at)
     terms = [Image.select(*columns).where(Image.user == user.id)]
@@ -130,6 +139,8 @@ def list_images(user, search, page):
 
 def find_image(image_id):
     """The image with its relations, or None."""
+    if not 0 < image_id <= MAX_ID:
+        return None
     return _with_relations().where(Image.id == image_id).first()
 
 
@@ -179,9 +190,10 @@ def _name_taken(owner, namespace, name):
 def create_image(plan, storage, staged, size, sha256, info):
     """Move the inspected file into the store, then record it; a failure removes the file.
 
-    The file goes in first so that a crash leaves at worst a file without a row
-    (the sweep removes those), never a row without a file. The database settles a
-    race on the name: the loser's unique-index error becomes the same 400.
+    The file goes in first so that a crash leaves at worst a file without a row, never a
+    row without a file; put() leaves an intent on the key until the row is committed, so
+    that recover() finds such a file after a crash. The database settles a race on the
+    name: the loser's unique-index error becomes the same 400.
     """
     key = storage.put(staged)
     try:
@@ -193,19 +205,56 @@ def create_image(plan, storage, staged, size, sha256, info):
                                  name=plan["name"], storage_key=key, size=size,
                                  virtual_size=info.virtual_size, sha256=sha256)
     except IntegrityError:
-        storage.delete(key)
+        _remove_file(storage, key)
         raise ValidationError("name", NAME_TAKEN) from None
     except BaseException:
-        storage.delete(key)
+        _remove_file(storage, key)
         raise
+    storage.settle(key)
     return find_image(image.id)
 
 
+def _remove_file(storage, key):
+    storage.delete(key)
+    storage.settle(key)
+
+
 def delete_image(image, storage):
-    """Remove the row, then the file once the row is surely gone."""
-    with write_transaction():
-        Image.delete().where(Image.id == image.id).execute()
-    storage.delete(image.storage_key)
+    """Remove the row, then the file once the row is surely gone (under an intent, so
+    that a crash between the two leaves nothing that recover() does not remove).
+
+    Once the row is gone the image is gone: a store that fails to remove the file keeps
+    the intent, and the file is removed by the next recover() or `flask sweep`, not an
+    error for the client.
+    """
+    storage.intend(image.storage_key)
+    try:
+        with write_transaction():
+            Image.delete().where(Image.id == image.id).execute()
+    except BaseException:
+        storage.settle(image.storage_key)  # the row is still there, and so is the file
+        raise
+    try:
+        _remove_file(storage, image.storage_key)
+    except StorageUnavailable as error:
+        log.warning("image %s deleted, its file left for the sweep: %s", image.id, error)
+
+
+def recover(storage):
+    """Finish what killed processes left half done; return (temporary files, orphan files)
+    removed. A key with an unsettled intent keeps its file only if its row exists."""
+    temporary = storage.sweep()
+    orphans = 0
+    for key, pid in storage.unsettled():
+        if not Image.select().where(Image.storage_key == key).exists():
+            try:
+                storage.delete(key)
+            except OSError as error:  # a store that is down: keep the intent for next time
+                log.warning("could not remove orphan %s yet: %s", key, error)
+                continue
+            orphans += 1
+        storage.settle(key, pid)
+    return temporary, orphans
 
 
 def orphan_keys(storage, older_than):

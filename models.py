@@ -9,6 +9,7 @@ from peewee import (
     DatabaseProxy,
     ForeignKeyField,
     Model,
+    PostgresqlDatabase,
     SqliteDatabase,
     TextField,
 )
@@ -119,18 +120,38 @@ Image.add_index(Image.index(Image.user, Image.name, unique=True).where(Image.nam
 MODELS = (User, Token, Namespace, Collaborator, Image)
 
 
+# Any number that all instances share: the key of the advisory lock taken while
+# creating tables on PostgreSQL.
+SCHEMA_LOCK_KEY = 0x696D6773
+
+
 def open_database(url):
-    """Connect the shared database object to DATABASE_URL."""
+    """Connect the shared database object to DATABASE_URL (sqlite:// or postgresql://).
+
+    Query parameters go to the driver, e.g. ?sslmode=require for PostgreSQL;
+    a percent-encoded user or password is decoded.
+    """
     options = {"pragmas": SQLITE_PRAGMAS} if url.startswith("sqlite") else {}
-    database = connect(url, **options)
+    database = connect(url, unquote_password=True, unquote_user=True, **options)
     db.initialize(database)
     return database
 
 
 def create_tables():
-    """Create missing tables and indexes; safe to run again and from several instances."""
+    """Create missing tables and indexes; safe to run again and from several instances.
+
+    On PostgreSQL two concurrent CREATE TABLE IF NOT EXISTS can still collide in
+    the catalog (a unique violation on pg_type), so instances that start together
+    take turns under a transaction-scoped advisory lock. SQLite's write lock
+    already makes them take turns.
+    """
     with db.connection_context():
-        db.create_tables(MODELS, safe=True)
+        if isinstance(db.obj, PostgresqlDatabase):
+            with db.atomic():
+                db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
+                db.create_tables(MODELS, safe=True)
+        else:
+            db.create_tables(MODELS, safe=True)
 
 
 def write_transaction():

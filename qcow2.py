@@ -257,11 +257,11 @@ def _check_table(name: str, offset: int, length: int, cluster: int, file_size: i
 
 def _limit_resources() -> None:
     """Cap qemu-img's CPU time, memory and output (CVE-2015-5162); runs just before exec."""
-    for kind, value in ((resource.RLIMIT_CPU, CPU_SECONDS), (resource.RLIMIT_AS, MEMORY_BYTES),
-                        (resource.RLIMIT_FSIZE, OUTPUT_BYTES), (resource.RLIMIT_CORE, 0)):
+    for kind, wanted in ((resource.RLIMIT_CPU, CPU_SECONDS), (resource.RLIMIT_AS, MEMORY_BYTES),
+                         (resource.RLIMIT_FSIZE, OUTPUT_BYTES), (resource.RLIMIT_CORE, 0)):
         hard = resource.getrlimit(kind)[1]  # never ask for more than we are allowed
-        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(kind, (value, value))
+        limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(kind, (limit, limit))
 
 
 def _dotted(version: tuple[int, ...]) -> str:

@@ -1,14 +1,17 @@
 """Receiving an upload: the checks made from headers alone, then the body streamed to disk."""
 
+import contextlib
 import ctypes
 import errno
 import hashlib
 import queue
+import socket
 import threading
+import time
 
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
-from errors import ApiError, ValidationError
+from errors import DISK_FULL, ApiError, ValidationError
 
 # FACTS.md: 1 MiB reads cost a fifth of the CPU of 8 KiB reads; 4 MiB is no faster.
 CHUNK_SIZE = 1 << 20
@@ -58,13 +61,14 @@ def too_large(max_size):
 
 
 def body_stream(request):
-    """The image's bytes: the raw body, or the `file` field of a multipart form."""
+    """The image's bytes and how many there must be: the raw body and its Content-Length
+    (None when chunked), or the `file` field of a multipart form (length unknown)."""
     if request.mimetype != "multipart/form-data":
-        return request.stream
+        return request.stream, request.content_length
     upload = request.files.get("file")
     if upload is None:
         raise ValidationError("file", "File field required in a multipart/form-data body")
-    return upload.stream
+    return upload.stream, None
 
 
 class HashOnTheSide:
@@ -97,12 +101,62 @@ class HashOnTheSide:
         return self._sha256.hexdigest()
 
 
-def receive_body(stream, out, max_size):
-    """Copy stream into the file out in bounded memory; return (size, sha256 hex)."""
+class BodyWatch:
+    """Cut the connection's reading side when a piece of the body is slower than timeout.
+
+    A client sending a few bytes a second would otherwise hold a worker thread as long as
+    it likes: the server's read of a piece returns only when the piece is complete, so a
+    socket timeout, which counts per recv, never fires. Shutting the socket's reading side
+    ends the blocked read at once; the answer can still be written.
+    """
+
+    def __init__(self, sock, timeout):
+        self.expired = False
+        self.timeout, self._sock = timeout, sock
+        self._deadline = time.monotonic() + timeout
+        self._done = threading.Event()
+        threading.Thread(target=self._watch, name="body-watch", daemon=True).start()
+
+    def progress(self):
+        """A piece arrived: the next one has a full timeout again."""
+        self._deadline = time.monotonic() + self.timeout
+
+    def stop(self):
+        self._done.set()
+
+    def _watch(self):
+        while not self._done.wait(max(0.0, self._deadline - time.monotonic())):
+            if time.monotonic() >= self._deadline:
+                self.expired = True
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RD)
+                return
+
+
+@contextlib.contextmanager
+def watch_body(request, timeout):
+    """A BodyWatch on the request's socket when the server exposes it (gunicorn), else None."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None or not timeout:
+        yield None
+        return
+    watch = BodyWatch(sock, timeout)
+    try:
+        yield watch
+    finally:
+        watch.stop()
+
+
+def receive_body(stream, out, max_size, expected_length=None, watch=None):
+    """Copy stream into the file out in bounded memory; return (size, sha256 hex).
+
+    A body shorter than its Content-Length was cut off: gunicorn hands the short body
+    over without an error, so the count is checked here.
+    """
     digest = HashOnTheSide()
     try:
         size = written_back = 0
-        while chunk := _read(stream, max_size):
+        while chunk := _read(stream, max_size, watch):
             size += len(chunk)
             if size > max_size:
                 raise too_large(max_size)
@@ -111,20 +165,36 @@ def receive_body(stream, out, max_size):
             if size - written_back >= WRITEBACK_STEP:
                 start_writeback(out.fileno(), written_back, size - written_back)
                 written_back = size
+            if watch:
+                watch.progress()
     finally:
         sha256 = digest.finish()  # also on errors: no thread is left behind
+    if watch and watch.expired:
+        raise too_slow(watch)
+    if expected_length is not None and size != expected_length:
+        raise cut_off()
     return size, sha256
 
 
-def _read(stream, max_size):
+def cut_off():
+    return ApiError(400, "Upload cut off before the end of the body")
+
+
+def too_slow(watch):
+    return ApiError(408, f"Request Timeout: the body stalled for {watch.timeout} seconds")
+
+
+def _read(stream, max_size, watch=None):
     """Read one chunk, turning the ways a body can end badly into API errors."""
     try:
         return stream.read(CHUNK_SIZE)
     except RequestEntityTooLarge:
         raise too_large(max_size) from None
     except (ClientDisconnected, OSError) as error:
-        # The client went away or the chunked framing broke.
-        raise ApiError(400, "Upload cut off before the end of the body") from error
+        # The client went away, the chunked framing broke, or the watch cut a slow body.
+        if watch and watch.expired:
+            raise too_slow(watch) from error
+        raise cut_off() from error
 
 
 def write_or_507(out, chunk):
@@ -135,5 +205,5 @@ def write_or_507(out, chunk):
             view = view[out.write(view):]
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ApiError(507, "Insufficient Storage: the image store is full") from error
+            raise ApiError(507, DISK_FULL) from error
         raise

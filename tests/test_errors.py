@@ -1,6 +1,9 @@
 """Every error is JSON, 404 and 405 included; a 500 shows no trace."""
 
 import pytest
+from conftest import free_port
+
+from models import open_database
 
 
 def test_unknown_route_is_json_404(client):
@@ -62,10 +65,14 @@ def test_healthz_reports_unwritable_store(app, client):
 
 
 def test_healthz_reports_database_failure(app, client, tmp_path):
-    # A database file that can no longer be opened: its path is now a folder.
-    for suffix in ("", "-wal", "-shm"):
-        (tmp_path / f"test.sqlite3{suffix}").unlink(missing_ok=True)
-    (tmp_path / "test.sqlite3").mkdir()
+    if app.config["DATABASE_URL"].startswith("postgres"):
+        # A PostgreSQL that nobody runs: a free port.
+        open_database(f"postgresql://postgres@127.0.0.1:{free_port()}/gone")
+    else:
+        # A database file that can no longer be opened: its path is now a folder.
+        for suffix in ("", "-wal", "-shm"):
+            (tmp_path / f"test.sqlite3{suffix}").unlink(missing_ok=True)
+        (tmp_path / "test.sqlite3").mkdir()
     response = client.get("/healthz")
     assert response.status_code == 503
     assert response.json == {"status": "database unavailable"}

@@ -9,15 +9,11 @@ import struct
 from pathlib import Path
 
 import pytest
+import sample_images as images
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qcow2
-
-try:
-    from tests import images
-except ImportError:  # tests/ is on sys.path rather than the project root
-    import images
 
 TIB = 1 << 40
 LIMIT = 2 * TIB  # MAX_VIRTUAL_SIZE's default

@@ -1,0 +1,97 @@
+"""Upload bodies that end early or come too slowly, against a real gunicorn: the client
+gets an error and nothing is kept."""
+
+import socket
+import time
+
+import pytest
+from conftest import files_under, start_server, stop_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """gunicorn with a body timeout of 1 second a piece."""
+    server = start_server(tmp_path_factory.mktemp("bodies"), {"BODY_READ_TIMEOUT": "1"})
+    server.headers = server.account("sender")
+    yield server
+    stop_server(server)
+
+
+def send_head(server, name, length):
+    port = int(server.url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"POST /images?name={name} HTTP/1.1\r\nHost: x\r\n"
+                 f"Authorization: {server.headers['Authorization']}\r\n"
+                 f"Content-Length: {length}\r\n\r\n".encode())
+    return sock
+
+
+def read_answer(sock):
+    """(status, head, body) of the answer on sock."""
+    data = b""
+    while b"\r\n\r\n" not in data and (piece := sock.recv(65536)):
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length and (piece := sock.recv(65536)):
+        body += piece
+    return int(head.split()[1]), head, body
+
+
+def stored_files(server):
+    return files_under(server.instance / "images")
+
+
+def test_a_body_shorter_than_its_content_length_is_refused(server, qcow2_bytes):
+    """gunicorn hands a cut-off body over as if it were whole; a valid image followed by
+    a closed connection used to be stored."""
+    sock = send_head(server, "short", len(qcow2_bytes) + 1000)
+    sock.sendall(qcow2_bytes)
+    sock.shutdown(socket.SHUT_WR)
+    status, _, body = read_answer(sock)
+    sock.close()
+    assert status == 400
+    assert b"cut off" in body
+    assert stored_files(server) == []
+
+
+def test_a_stalled_body_is_dropped_with_408(server, qcow2_bytes):
+    sock = send_head(server, "stalled", len(qcow2_bytes))
+    sock.sendall(qcow2_bytes[:1000])  # then nothing more
+    status, head, body = read_answer(sock)
+    sock.close()
+    assert status == 408
+    assert b"application/json" in head
+    assert b"stalled" in body
+    assert stored_files(server) == []
+
+
+def test_a_trickling_body_is_dropped_too(server, qcow2_bytes):
+    """A few bytes a second never stall a read, yet never finish a piece in time."""
+    sock = send_head(server, "trickle", len(qcow2_bytes))
+    sock.setblocking(False)
+    answer = b""
+    for _ in range(100):  # at most 10 s of 4 bytes every 0.1 s
+        try:
+            sock.send(b"QFI\xfb")
+        except OSError:
+            break
+        time.sleep(0.1)
+        try:
+            answer = sock.recv(4096)
+            break
+        except BlockingIOError:
+            continue
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert stored_files(server) == []
+
+
+def test_a_whole_body_at_a_normal_pace_is_stored(server, qcow2_bytes):
+    sock = send_head(server, "whole", len(qcow2_bytes))
+    sock.sendall(qcow2_bytes)
+    status, _, _ = read_answer(sock)
+    sock.close()
+    assert status == 201
+    assert len([f for f in stored_files(server) if f.endswith(".qcow2")]) == 1

@@ -1,0 +1,216 @@
+"""Hostile uploads through the API: each refused with its rule, and nothing left behind.
+
+The images and the rule each must break are those of test_qcow2 (one list serves both);
+here they go through POST /images, and the store, its temporary folder and the database
+must be exactly as before.
+"""
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import time
+
+import pytest
+import sample_images as images
+from conftest import start_server, stop_server
+from test_qcow2 import GOOD, HOSTILE, slow_images  # noqa: F401 - slow_images is a fixture
+
+from models import Image, Namespace
+
+
+@pytest.mark.parametrize("maker, expected, qemu, limit", HOSTILE)
+def test_hostile_upload_is_refused_and_leaves_nothing(
+        app, alice, upload, store_files, tmp_path, slow_images, maker, expected, qemu,  # noqa: F811
+        limit):
+    app.config["MAX_VIRTUAL_SIZE"] = limit
+    path = slow_images[maker] if isinstance(maker, str) else maker(tmp_path)
+    response = upload(alice, name="hostile", namespace="new/ns", data=path.read_bytes())
+    assert response.status_code == 400
+    assert list(response.json) == ["file"]
+    [message] = response.json["file"]
+    assert message.startswith("File not a valid QCOW2 image: ")
+    assert expected in message
+    assert str(tmp_path) not in message and app.instance_path not in message
+    assert store_files() == []
+    assert Image.select().count() == 0 and Namespace.select().count() == 0
+
+
+@pytest.mark.parametrize("maker, version, virtual_size, cluster_size", GOOD[:5])
+def test_good_upload_is_stored(alice, upload, store_files, tmp_path, maker, version,
+                               virtual_size, cluster_size):
+    path = maker(tmp_path)
+    response = upload(alice, name="good", data=path.read_bytes())
+    assert response.status_code == 201, response.json
+    assert response.json["virtual_size"] == virtual_size
+    assert response.json["size"] == path.stat().st_size
+    assert len(store_files()) == 1
+
+
+def test_delete_failing_after_commit_leaves_an_orphan_that_sweep_removes(
+        app, client, runner, alice, upload, store_files, monkeypatch):
+    """Row first, file after: a failure between them leaves a file, never a row without one."""
+    image_id = upload(alice).json["id"]
+    storage = app.extensions["storage"]
+
+    def failing_delete(key):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(storage, "delete", failing_delete)
+    assert client.delete(f"/images/{image_id}", headers=alice.headers).status_code == 500
+    assert Image.get_or_none(Image.id == image_id) is None
+    # The file stays, and with it the delete's intent, which the next start also settles.
+    assert [f.rsplit(".", 1)[1] for f in store_files()] == ["intent", "qcow2"]
+    monkeypatch.undo()
+    assert "1 orphan files" in runner.invoke(args=["sweep", "--min-age", "0"]).output
+    assert store_files() == []
+
+
+# Over a real gunicorn -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One worker, so its pid is the one that receives every upload; a 1 MiB size limit."""
+    instance = tmp_path_factory.mktemp("hostile")
+    server = start_server(instance, {"WEB_CONCURRENCY": "1", "MAX_IMAGE_SIZE": "1M"})
+    server.headers = server.account("mallory")
+    yield server
+    stop_server(server)
+
+
+def incoming(server):
+    return sorted(os.listdir(server.instance / "images" / ".incoming"))
+
+
+def stored(server):
+    return sorted(p.name for p in (server.instance / "images").glob("*.qcow2"))
+
+
+def wait_for(condition, seconds=15):
+    """Poll until condition() is true; return its last value."""
+    deadline = time.monotonic() + seconds
+    while not (result := condition()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return result
+
+
+def open_upload(server, length, name="partial", chunked=False):
+    """Start a POST /images by hand and send the headers only."""
+    sock = socket.create_connection((server.url.split("//")[1].split(":")[0],
+                                     int(server.url.rsplit(":", 1)[1])), timeout=30)
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}"
+    sock.sendall((f"POST /images?name={name} HTTP/1.1\r\nHost: x\r\n"
+                  f"Authorization: {server.headers['Authorization']}\r\n{framing}\r\n\r\n")
+                 .encode())
+    return sock
+
+
+def read_response(sock):
+    """Status and JSON body of the answer on sock."""
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response.status, json.loads(response.read())
+
+
+def send_ignoring_hangup(sock, data):
+    """Send what the server may stop reading (FACTS.md: it answers 413 early and closes)."""
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(data)
+
+
+def test_content_length_over_limit_is_413_at_once(server):
+    sock = open_upload(server, 2 * 1024 * 1024)
+    send_ignoring_hangup(sock, b"\0" * 65536)
+    status, body = read_response(sock)
+    sock.close()
+    assert status == 413
+    assert body == {"message": "Image larger than the limit of 1048576 bytes"}
+    assert incoming(server) == [] and stored(server) == []
+
+
+def test_chunked_body_over_limit_is_cut_off_with_413(server):
+    sock = open_upload(server, None, chunked=True)
+    piece = b"\0" * 65536
+    for _ in range(17):  # 1 MiB + 64 KiB
+        send_ignoring_hangup(sock, b"%x\r\n%s\r\n" % (len(piece), piece))
+    send_ignoring_hangup(sock, b"0\r\n\r\n")
+    status, body = read_response(sock)
+    sock.close()
+    assert status == 413 and "limit" in body["message"]
+    assert wait_for(lambda: incoming(server) == []) and stored(server) == []
+
+
+def test_client_hanging_up_half_way_leaves_nothing(server):
+    data = images.good_v3(server.instance, "half.qcow2").read_bytes()
+    sock = open_upload(server, len(data))
+    sock.sendall(data[: len(data) // 2])
+    assert wait_for(lambda: incoming(server) != [])  # the upload really began
+    sock.close()
+    assert wait_for(lambda: incoming(server) == [])
+    assert stored(server) == []
+    assert "partial" not in server.flask("sweep", "--min-age", "0")  # nothing else to find
+
+
+def worker_pids(server):
+    """Pids of the gunicorn workers (children of the master)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if ppid == server.process.pid:
+                pids.append(int(entry))
+    return pids
+
+
+def start_killable_upload(tmp_path, name):
+    """A one-worker server with an upload half sent; returns (server, socket, worker pid)."""
+    server = start_server(tmp_path / name, {"WEB_CONCURRENCY": "1"})
+    server.headers = server.account("mallory")
+    data = images.good_v3(tmp_path, f"{name}.qcow2").read_bytes()
+    sock = open_upload(server, len(data), name=name)
+    sock.sendall(data[: len(data) // 2])
+    assert wait_for(lambda: incoming(server) != [])
+    [worker] = worker_pids(server)
+    assert incoming(server)[0].startswith(f"{worker}-")
+    return server, sock, worker
+
+
+def listed(server):
+    connection = http.client.HTTPConnection(server.url.split("//")[1], timeout=30)
+    connection.request("GET", "/images", headers=server.headers)
+    return json.loads(connection.getresponse().read())
+
+
+def test_worker_killed_mid_upload_is_swept_by_its_replacement(tmp_path):
+    server, sock, worker = start_killable_upload(tmp_path, "worker")
+    try:
+        os.kill(worker, signal.SIGKILL)
+        sock.close()
+        # gunicorn starts a new worker, whose start sweeps the dead one's temporary file.
+        assert wait_for(lambda: incoming(server) == [] and worker_pids(server) != [])
+        assert stored(server) == [] and listed(server) == []
+    finally:
+        stop_server(server)
+
+
+def test_service_killed_mid_upload_is_swept_on_restart(tmp_path):
+    server, sock, worker = start_killable_upload(tmp_path, "service")
+    left = incoming(server)
+    os.kill(server.process.pid, signal.SIGKILL)  # the master first, so nobody replaces the worker
+    os.kill(worker, signal.SIGKILL)
+    server.process.wait()
+    sock.close()
+    assert incoming(server) == left
+    restarted = start_server(server.instance, {"WEB_CONCURRENCY": "1"})
+    restarted.headers = server.headers
+    try:
+        assert incoming(restarted) == []
+        assert stored(restarted) == [] and listed(restarted) == []
+    finally:
+        stop_server(restarted)

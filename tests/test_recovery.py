@@ -1,0 +1,98 @@
+"""What a killed worker leaves behind is put right by the next process that starts:
+temporary files, and keys whose file and row were being changed together (intents)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from images import recover
+from models import Image
+from storage import INTENT_SUFFIX, TEMP_SUFFIX
+
+
+@pytest.fixture(scope="module")
+def dead_pid():
+    """The pid of a process that has exited."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def leave(folder, name, data=b""):
+    path = os.path.join(folder, name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def test_uploads_and_deletes_leave_no_intent(client, alice, upload, store_files):
+    first = upload(alice, name="one")
+    assert upload(alice, name="one").status_code == 400  # the name is taken: file removed
+    assert client.delete(f"/images/{first.json['id']}", headers=alice.headers).status_code == 204
+    upload(alice, name="two")
+    assert [f for f in store_files() if not f.endswith(".qcow2")] == []
+    assert len(store_files()) == 1
+
+
+def test_a_file_whose_row_never_came_is_removed(app, dead_pid):
+    """A worker killed between moving the file in and committing its row."""
+    store = app.extensions["storage"]
+    orphan = leave(store.root, "deadbeef.qcow2", b"QFI\xfb")
+    intent = leave(store.temp_folder, f"{dead_pid}-deadbeef{INTENT_SUFFIX}")
+    with app.app_context():
+        assert recover(store) == (0, 1)
+    assert not os.path.exists(orphan)
+    assert not os.path.exists(intent)
+
+
+def test_a_file_whose_row_was_committed_is_kept(app, alice, upload, dead_pid):
+    """A worker killed after the commit, before it dropped its intent."""
+    upload(alice, name="kept")
+    store = app.extensions["storage"]
+    key = Image.get().storage_key
+    intent = leave(store.temp_folder, f"{dead_pid}-{key}{INTENT_SUFFIX}")
+    with app.app_context():
+        assert recover(store) == (0, 0)
+    assert os.path.exists(store.local_path(key))
+    assert not os.path.exists(intent)
+
+
+def test_a_file_whose_row_was_deleted_is_removed(app, alice, upload, dead_pid):
+    """A worker killed between deleting the row and unlinking the file."""
+    upload(alice, name="gone")
+    store = app.extensions["storage"]
+    image = Image.get()
+    leave(store.temp_folder, f"{dead_pid}-{image.storage_key}{INTENT_SUFFIX}")
+    Image.delete().execute()
+    with app.app_context():
+        assert recover(store) == (0, 1)
+    assert not os.path.exists(store.local_path(image.storage_key))
+
+
+def test_live_workers_keep_their_files_and_dead_ones_lose_them(app, dead_pid):
+    store = app.extensions["storage"]
+    live = os.getppid()  # a process that surely runs, and is not this one
+    kept = [leave(store.temp_folder, f"{live}-a{TEMP_SUFFIX}"),
+            leave(store.temp_folder, f"{live}-b{INTENT_SUFFIX}")]
+    swept = [leave(store.temp_folder, f"{dead_pid}-c{TEMP_SUFFIX}"),
+             leave(store.temp_folder, f"{os.getpid()}-d{TEMP_SUFFIX}"),  # an earlier self
+             leave(store.temp_folder, "stray-file")]
+    with app.app_context():
+        assert recover(store) == (3, 0)
+    assert all(os.path.exists(p) for p in kept)
+    assert not any(os.path.exists(p) for p in swept)
+
+
+def test_the_app_recovers_when_it_starts(app, dead_pid):
+    """create_app runs the recovery, so every restarted worker puts things right."""
+    from app import create_app
+
+    store = app.extensions["storage"]
+    orphan = leave(store.root, "cafe.qcow2")
+    leave(store.temp_folder, f"{dead_pid}-cafe{INTENT_SUFFIX}")
+    leave(store.temp_folder, f"{dead_pid}-x{TEMP_SUFFIX}")
+    create_app(dict(app.config), instance_path=app.instance_path)
+    assert os.listdir(store.temp_folder) == []
+    assert not os.path.exists(orphan)

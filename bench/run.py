@@ -712,7 +712,9 @@ def fmt_cpu(values):
 
 
 def ratio(a, b):
-    return statistics.median(a) / statistics.median(b)
+    """median(a) / median(b); nan when b is 0 (a tiny transfer can take under one CPU tick)."""
+    below = statistics.median(b)
+    return statistics.median(a) / below if below else float("nan")
 
 
 def verdict(ok):

@@ -10,7 +10,8 @@ import pytest
 from conftest import start_server, stop_server
 
 from models import Image
-from storage import MiB, S3Storage, StorageUnavailable
+from s3storage import S3Storage
+from storage import MiB, StorageUnavailable
 
 DISK = {"Accept": "application/octet-stream"}
 

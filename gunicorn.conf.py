@@ -10,17 +10,20 @@ worker_class = "gthread"
 # Each upload or download holds a thread for its whole transfer, so a worker has many;
 # they wait on sockets, not on the CPU. 50 clients sending a few bytes a second hold 50
 # threads until BODY_READ_TIMEOUT (the app's) cuts them off.
-threads = int(os.environ.get("GUNICORN_THREADS", "32"))
-# A worker accepts only as many connections as it has threads: a connection it cannot
-# serve at once is left to the other workers (or the listen backlog) instead of queueing
-# inside this worker behind slow bodies. reliability/run.py's slow scenario shows it.
-worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", str(threads)))
+threads = int(os.environ.get("GUNICORN_THREADS", "64"))
+# A worker accepts at most this many connections: its threads, plus room for idle
+# kept-alive ones (gunicorn keeps a connection alive only while it has such room). A
+# connection it cannot serve at once is left to the other workers or the listen backlog
+# instead of queueing inside this worker behind slow bodies (reliability/run.py, slow).
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", str(threads + 16)))
 # Only a worker that stops answering its heartbeat for this long is restarted.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = 30
-# A kept-alive idle connection takes a slot beyond the threads; with none to spare (the
-# default) every answer closes its connection, which costs a loopback or LAN client little.
-keepalive = 5 if worker_connections > threads else 0
+# Keep-alive stays on: QEMU's curl driver, reading an image through a signed link,
+# hangs now and then when the server closes the connection after each answer
+# (4 to 6 of 30 `qemu-img convert` runs here; none of 30 with keep-alive). An idle
+# kept-alive connection holds a slot but no thread, and only for these seconds.
+keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))
 accesslog = "-"
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 # gunicorn 27's control socket has one default path per user; several instances on

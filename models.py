@@ -4,11 +4,14 @@ from datetime import UTC, datetime
 
 import peewee
 from peewee import (
+    SQL,
+    AutoField,
     BigIntegerField,
     CharField,
     DatabaseProxy,
     ForeignKeyField,
     Model,
+    NodeList,
     PostgresqlDatabase,
     SqliteDatabase,
     TextField,
@@ -94,7 +97,23 @@ class Collaborator(BaseModel):
         indexes = ((("namespace", "user"), True),)
 
 
+class NeverReusedId(AutoField):
+    """An id that is never handed out again after its row is deleted.
+
+    SQLite's plain integer key reuses the largest id once its row is gone, so a client
+    holding a deleted image's id could reach (or delete) the next upload; AUTOINCREMENT
+    stops that. PostgreSQL's sequences never reuse ids anyway.
+    """
+
+    def ddl(self, ctx):
+        node = super().ddl(ctx)
+        if isinstance(db.obj, SqliteDatabase):
+            return NodeList((node, SQL("AUTOINCREMENT")))
+        return node
+
+
 class Image(BaseModel):
+    id = NeverReusedId()
     author = ForeignKeyField(User, backref="authored_images")
     user = ForeignKeyField(User, backref="images")
     namespace = ForeignKeyField(Namespace, null=True, backref="images")

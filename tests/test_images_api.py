@@ -336,3 +336,12 @@ def test_search_is_case_insensitive_substring_with_literal_wildcards(
                      size=1, virtual_size=1, sha256="0" * 64)
     response = client.get("/images", query_string={"search": search}, headers=alice.headers)
     assert {i["name"] for i in response.json} == expected
+
+
+def test_deleted_newest_id_is_never_handed_out_again(client, alice, upload):
+    """A client holding a deleted image's id must not reach the next upload with it."""
+    first = upload(alice, name="one").json["id"]
+    assert client.delete(f"/images/{first}", headers=alice.headers).status_code == 204
+    second = upload(alice, name="two").json["id"]
+    assert second != first
+    assert client.get(f"/images/{first}", headers=alice.headers).status_code == 404

@@ -19,6 +19,9 @@ def create_app(test_config=None, instance_path=None):
     app = Flask(__name__, instance_path=instance_path or os.environ.get("IMAGESTORE_INSTANCE"))
     app.config.from_mapping(load_config(app.instance_path))
     app.config.update(test_config or {})
+    # Werkzeug's own cap, for what it reads itself: a multipart form is parsed (spooled to
+    # disk) before the upload code sees it, and a chunked one has no length to check first.
+    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_IMAGE_SIZE"]
     app.json.sort_keys = False
 
     open_database(app.config["DATABASE_URL"])

@@ -345,3 +345,24 @@ def test_deleted_newest_id_is_never_handed_out_again(client, alice, upload):
     second = upload(alice, name="two").json["id"]
     assert second != first
     assert client.get(f"/images/{first}", headers=alice.headers).status_code == 404
+
+
+def test_chunked_multipart_over_limit_is_413_and_leaves_nothing(tmp_path, make_account):
+    """A multipart body is parsed before the upload code runs: Werkzeug must stop it too."""
+    from app import create_app
+    app = create_app({"DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+                      "STORAGE_URL": f"file://{tmp_path / 'images'}", "SECRET_KEY": "k",
+                      "MAX_IMAGE_SIZE": 4096}, instance_path=str(tmp_path / "instance"))
+    account = make_account("big")
+    boundary = "xyz"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + b"\0" * 8192 + \
+        f"\r\n--{boundary}--\r\n".encode()
+    response = app.test_client().post(
+        "/images?name=big", headers={**account.headers, "Transfer-Encoding": "chunked",
+                                     "Content-Type": f"multipart/form-data; boundary={boundary}"},
+        environ_overrides={"wsgi.input": io.BytesIO(body), "wsgi.input_terminated": True})
+    assert response.status_code == 413
+    assert response.is_json and response.json["message"]
+    assert list((tmp_path / "images").rglob("*.qcow2")) == []
+    assert list((tmp_path / "images" / ".incoming").iterdir()) == []

@@ -176,15 +176,19 @@ def plan_upload(user, name, namespace_text):
         raise ValidationError("name", "Name must be 1 to 64 of a-z, A-Z, 0-9, _ and -")
     ref = parse_namespace_ref(namespace_text) if namespace_text else None
     owner, namespace = resolve_upload_target(user, ref) if ref else (user, None)
-    if _name_taken(owner, namespace, name):
+    if _name_taken(owner, ref, namespace, name):
         raise ValidationError("name", NAME_TAKEN)
     return {"author": user, "owner": owner, "namespace": namespace, "ref": ref, "name": name}
 
 
-def _name_taken(owner, namespace, name):
-    scope = (Image.namespace == namespace.id) if namespace else (
-        (Image.user == owner.id) & Image.namespace.is_null())
-    return Image.select().where(scope, Image.name == name).exists()
+def _name_taken(owner, ref, namespace, name):
+    """Whether name is used where the upload goes: the namespace, or the owner's images
+    outside namespaces. A namespace that is still to be created holds no image yet."""
+    if ref is not None:
+        return namespace is not None and Image.select().where(
+            Image.namespace == namespace.id, Image.name == name).exists()
+    return Image.select().where(Image.user == owner.id, Image.namespace.is_null(),
+                                Image.name == name).exists()
 
 
 def create_image(plan, storage, staged, size, sha256, info):

@@ -144,3 +144,13 @@ def test_list_shows_namespaces_of_owner_and_collaborations_with_few_queries(
     # The token with its user, the namespaces shared with bob, then one page with every
     # relation (the shared namespaces are walked one index each: docs/benchmarks.md).
     assert len(queries) <= 3
+
+
+def test_name_outside_namespaces_does_not_block_a_new_namespace(alice, upload):
+    """The README's order: `alpine`, then `alpine` into a namespace that does not exist yet."""
+    assert upload(alice, name="alpine").status_code == 201
+    response = upload(alice, name="alpine", namespace="djinn")
+    assert response.status_code == 201, response.json
+    assert response.json["namespace"]["path"] == "djinn"
+    again = upload(alice, name="alpine", namespace="djinn")
+    assert again.json == {"name": ["Name already exists"]}

@@ -366,3 +366,17 @@ def test_chunked_multipart_over_limit_is_413_and_leaves_nothing(tmp_path, make_a
     assert response.is_json and response.json["message"]
     assert list((tmp_path / "images").rglob("*.qcow2")) == []
     assert list((tmp_path / "images" / ".incoming").iterdir()) == []
+
+
+def test_forwarded_headers_honoured_when_trusted(tmp_path, make_account, qcow2_bytes):
+    from app import create_app
+    app = create_app({"DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+                      "STORAGE_URL": f"file://{tmp_path / 'images'}", "SECRET_KEY": "k",
+                      "TRUST_PROXY_HEADERS": True}, instance_path=str(tmp_path / "instance"))
+    account = make_account("proxied")
+    response = app.test_client().post(
+        "/images?name=p", data=qcow2_bytes, headers={
+            **account.headers, "X-Forwarded-Proto": "https",
+            "X-Forwarded-Host": "images.example.com"})
+    assert response.status_code == 201
+    assert response.json["url"].startswith("https://images.example.com/images/")

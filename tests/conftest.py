@@ -385,6 +385,18 @@ class LiveServer:
         token = self.flask("token", "create", username, "--scope", scopes)
         return {"Authorization": f"Bearer {token}"}
 
+    def worker_pids(self):
+        """The pids of gunicorn's workers (the master's children), in order."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rpartition(")")[2].split()
+            except OSError:
+                continue  # a process that ended meanwhile
+            if int(fields[1]) == self.process.pid:
+                pids.append(int(stat.parent.name))
+        return sorted(pids)
+
 
 def start_server(instance, extra_env=None, port=None):
     """Start gunicorn from the Procfile's web line and wait until /healthz answers."""

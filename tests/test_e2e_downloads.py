@@ -109,17 +109,10 @@ def make_link(server, headers, image):
 
 
 def workers(server):
-    """The pids of gunicorn's workers: the children of the master."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue  # a process that ended meanwhile
-        if int(fields[1]) == server.process.pid:
-            pids.append(int(stat.parent.name))
+    """The pids of gunicorn's workers; there is always one."""
+    pids = server.worker_pids()
     assert pids
-    return sorted(pids)
+    return pids
 
 
 def proc_field(pid, name, file="status"):

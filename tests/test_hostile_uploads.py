@@ -153,21 +153,6 @@ def test_client_hanging_up_half_way_leaves_nothing(server):
     assert "partial" not in server.flask("sweep", "--min-age", "0")  # nothing else to find
 
 
-def worker_pids(server):
-    """Pids of the gunicorn workers (children of the master)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            if ppid == server.process.pid:
-                pids.append(int(entry))
-    return pids
-
-
 def start_killable_upload(tmp_path, name):
     """A one-worker server with an upload half sent; returns (server, socket, worker pid)."""
     server = start_server(tmp_path / name, {"WEB_CONCURRENCY": "1"})
@@ -176,7 +161,7 @@ def start_killable_upload(tmp_path, name):
     sock = open_upload(server, len(data), name=name)
     sock.sendall(data[: len(data) // 2])
     assert wait_for(lambda: incoming(server) != [])
-    [worker] = worker_pids(server)
+    [worker] = server.worker_pids()
     assert incoming(server)[0].startswith(f"{worker}-")
     return server, sock, worker
 
@@ -193,7 +178,7 @@ def test_worker_killed_mid_upload_is_swept_by_its_replacement(tmp_path):
         os.kill(worker, signal.SIGKILL)
         sock.close()
         # gunicorn starts a new worker, whose start sweeps the dead one's temporary file.
-        assert wait_for(lambda: incoming(server) == [] and worker_pids(server) != [])
+        assert wait_for(lambda: incoming(server) == [] and server.worker_pids() != [])
         assert stored(server) == [] and listed(server) == []
     finally:
         stop_server(server)

@@ -29,13 +29,14 @@ def _same_disk(path, other):
 def parts_short_of_space(storage, reserve, incoming=0):
     """The disks ("database", then the store's) with less than reserve bytes free once
     incoming more bytes were written to the store."""
+    store_free = storage.free_space()  # first: StorageUnavailable when the store is down
     short = []
     folder = database_folder()
     if folder is not None:
         landing_here = incoming if _same_disk(folder, storage.temp_folder) else 0
         if free_bytes(folder) < reserve + landing_here:
             short.append("database")
-    if storage.free_space() < reserve + incoming:
+    if store_free < reserve + incoming:
         short.append(storage.DISK_NAME)
     return short
 

@@ -7,8 +7,9 @@ from peewee import PeeweeException
 
 import images
 from auth import require_scope
+from diskspace import check_room_for_upload, parts_short_of_space
 from downloads import DISK_TYPES, JSON, file_response, negotiate
-from errors import ApiError, ValidationError, not_found
+from errors import ApiError, ValidationError, disk_full, not_found
 from links import link_matches, parse_expires_in, read_link, sign_link
 from models import db
 from qcow2 import ImageRefused, inspect_qcow2
@@ -27,15 +28,23 @@ def storage():
 
 @bp.get("/healthz")
 def healthz():
-    """200 when the database answers and the store takes files; 503 naming what failed."""
+    """200 when the database answers and the store takes files, with MIN_FREE_SPACE free
+    on both disks; else 503 naming what failed."""
     try:
         db.execute_sql("SELECT 1")
-    except PeeweeException:
-        return jsonify(status="database unavailable"), 503
+    except PeeweeException as error:
+        status = "database disk full" if disk_full(error) else "database unavailable"
+        return jsonify(status=status), 503
     try:
-        storage().check_writable()
-    except OSError:
-        return jsonify(status="storage not writable"), 503
+        short = parts_short_of_space(storage(), current_app.config["MIN_FREE_SPACE"])
+        if storage().DISK_NAME not in short:
+            storage().check_writable()
+    except OSError as error:
+        if not disk_full(error):
+            return jsonify(status="storage not writable"), 503
+        short = [*short, storage().DISK_NAME]
+    if short:
+        return jsonify(status=f"{' and '.join(short)} disk full"), 503
     return jsonify(status="ok")
 
 
@@ -65,6 +74,7 @@ def create_image():
     config = current_app.config
     max_size = config["MAX_IMAGE_SIZE"]
     check_upload_headers(request, max_size)
+    check_room_for_upload(storage(), config["MIN_FREE_SPACE"], request.content_length)
     plan = images.plan_upload(g.user, request.args.get("name"), request.args.get("namespace"))
     with storage().staging() as staged, watch_body(request, config["BODY_READ_TIMEOUT"]) as watch:
         stream, length = body_stream(request)

@@ -59,4 +59,7 @@ def load_config(instance_path, environ=None):
         # Longest wait for each MiB of an upload body (or the rest, when less): a slower
         # client (under ~8.5 KiB/s) is cut off with 408 so it cannot hold a worker thread.
         "BODY_READ_TIMEOUT": float(env.get("BODY_READ_TIMEOUT", "120")),
+        # Free space that uploads must leave on the store's and the database's disks, so
+        # that deletes (which write to the database first) still find room when it is full.
+        "MIN_FREE_SPACE": parse_size(env.get("MIN_FREE_SPACE", "64M")),
     }

@@ -55,6 +55,13 @@ def disk_full(error):
     return False
 
 
+def storage_unavailable_message(error):
+    """What a client is told about a store that is down: its reason, never a path."""
+    if error.reason:
+        return f"Image store unavailable: {error.reason}"
+    return "Image store unavailable, try again later"
+
+
 def register_error_handlers(app):
     """Make every error, werkzeug's own included, a JSON answer without a trace."""
 
@@ -74,10 +81,9 @@ def register_error_handlers(app):
 
     @app.errorhandler(StorageUnavailable)
     def storage_unavailable(error):
-        # The message names the bucket: log it, answer without it.
+        # The message names the bucket or the folder: log it, answer with the reason alone.
         app.logger.error("image store unavailable: %s", error)
-        return _json(503, {"message": "Image store unavailable, try again later"},
-                     {"Retry-After": "30"})
+        return _json(503, {"message": storage_unavailable_message(error)}, {"Retry-After": "30"})
 
     @app.errorhandler(Exception)
     def unexpected_error(error):

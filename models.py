@@ -1,5 +1,6 @@
 """Database models, and the one database object that the app factory initialises."""
 
+import sqlite3
 from datetime import UTC, datetime
 
 import peewee
@@ -27,6 +28,10 @@ SQLITE_PRAGMAS = {
     "foreign_keys": 1,
     "busy_timeout": 10000,
     "synchronous": "normal",
+    # Copy every commit into the database file at once, while there is room for it: on a
+    # full disk the next write (a delete) then reuses the WAL from its start instead of
+    # growing it, and the file has no pages left to grow by (keep_wal below).
+    "wal_autocheckpoint": 1,
 }
 
 VISIBILITIES = ("private", "internal", "public")
@@ -156,6 +161,31 @@ def open_database(url):
     return database
 
 
+# SQLite removes a database's -wal and -shm files when its last connection closes, and
+# must write both again on the next open: on a full disk it cannot, and then every query,
+# reads included, fails ("disk I/O error"). Requests close their connections, so this
+# process holds one more open for its lifetime: no request's close is then the last.
+_WAL_KEEPER = {}
+
+
+def keep_wal(database):
+    """Hold a connection to database open, if it is a SQLite file (see above); None lets
+    go of the one held.
+
+    Called once the file has tables: a connection that has only seen an empty file has
+    not opened the WAL yet, and does not keep it.
+    """
+    earlier = _WAL_KEEPER.pop("connection", None)
+    if earlier is not None:
+        earlier.close()  # held for the database of an earlier call
+    if isinstance(database, SqliteDatabase) and database.database not in ("", ":memory:"):
+        keeper = sqlite3.connect(database.database, timeout=10, isolation_level=None,
+                                 check_same_thread=False)
+        # A read opens the WAL, and leaves no transaction open that would stop checkpoints.
+        keeper.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        _WAL_KEEPER["connection"] = keeper
+
+
 def create_tables():
     """Create missing tables and indexes; safe to run again and from several instances.
 
@@ -171,6 +201,7 @@ def create_tables():
                 db.create_tables(MODELS, safe=True)
         else:
             db.create_tables(MODELS, safe=True)
+    keep_wal(db.obj)
 
 
 def write_transaction():

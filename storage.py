@@ -8,6 +8,7 @@ scheme, and nothing else in the code knows which one it has.
 """
 
 import contextlib
+import errno
 import os
 import secrets
 import time
@@ -19,11 +20,48 @@ TEMP_SUFFIX = ".part"
 INTENT_SUFFIX = ".intent"
 OBJECT_SUFFIX = ".qcow2"
 MiB = 1 << 20
-
+# What a local folder answers when the filesystem under it is read-only or refuses us:
+# the store is down, not the request wrong.
+FOLDER_DOWN_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class StorageUnavailable(OSError):
-    """The store could not be reached or refused the request (not a missing file)."""
+    """The store could not be reached or refused the request (not a missing file).
+
+    reason, when given, is a short text fit for clients: it names the store, not its path.
+    """
+
+    def __init__(self, message, *, reason=None):
+        super().__init__(message)
+        self.reason = reason
+
+
+@contextlib.contextmanager
+def folder_down_is_unavailable(folder, name, access="writable"):
+    """Turn an OSError from the block into StorageUnavailable when it means that the folder
+    is down (read-only, refused, or gone altogether); any other error passes unchanged.
+
+    A missing folder is not made again: it is most often a mount that is gone, and files
+    written into the empty mount point would be lost when it comes back.
+    """
+    try:
+        yield
+    except StorageUnavailable:
+        raise
+    except OSError as error:
+        if error.errno in FOLDER_DOWN_ERRNOS:
+            reason = f"{name} is not {access}"
+        elif error.errno == errno.ENOENT and not os.path.isdir(folder):
+            reason = f"{name} is missing"
+        else:
+            raise
+        raise StorageUnavailable(f"{reason}: {error}", reason=reason) from error
+
+
+def free_bytes(path):
+    """Bytes free for an unprivileged writer on the filesystem that holds path."""
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
 
 
 def fsync_dir(path):
@@ -108,14 +146,28 @@ class TempFolder:
     becomes visible under key.
     """
 
+    # How errors and /healthz name the disk under temp_folder (a subclass may say better).
+    FOLDER_NAME = "the upload staging folder"
+    DISK_NAME = "staging"
+
+    def _temp_folder_down(self):
+        return folder_down_is_unavailable(self.temp_folder, self.FOLDER_NAME)
+
+    def free_space(self):
+        """Bytes free on the disk that uploads are staged on."""
+        with self._temp_folder_down():
+            return free_bytes(self.temp_folder)
+
     @contextlib.contextmanager
     def staging(self):
         """Yield a Staged file; whatever happens, nothing of it is left unless put() took it."""
-        staged = Staged(self.temp_folder)
+        with self._temp_folder_down():
+            staged = Staged(self.temp_folder)
         try:
             yield staged
         finally:
-            staged.discard()
+            with self._temp_folder_down():  # a store turned read-only meanwhile
+                staged.discard()
 
     def check_temp_writable(self):
         """Raise OSError when no upload can be staged."""
@@ -127,8 +179,9 @@ class TempFolder:
 
     def intend(self, key):
         """Durably note that this process is about to change key's file and row together."""
-        os.close(os.open(self._intent_path(key), os.O_WRONLY | os.O_CREAT, 0o600))
-        fsync_dir(self.temp_folder)
+        with self._temp_folder_down():
+            os.close(os.open(self._intent_path(key), os.O_WRONLY | os.O_CREAT, 0o600))
+            fsync_dir(self.temp_folder)
 
     def settle(self, key, pid=None):
         """Drop the intent on key, once file and row agree again."""
@@ -148,6 +201,9 @@ class TempFolder:
 class LocalStorage(TempFolder):
     """Image files in a folder, with a private temporary folder beside them."""
 
+    FOLDER_NAME = "the image store (file storage)"
+    DISK_NAME = "storage"
+
     def __init__(self, root):
         self.root = os.path.abspath(root)
         self.temp_folder = os.path.join(self.root, ".incoming")
@@ -164,31 +220,40 @@ class LocalStorage(TempFolder):
         key = secrets.token_hex(16)
         self.intend(key)
         try:
-            os.fsync(staged.file.fileno())
-            staged.file.close()
-            os.rename(staged.path, self.local_path(key))
-            fsync_dir(self.root)
+            with self._root_down():
+                os.fsync(staged.file.fileno())
+                staged.file.close()
+                os.rename(staged.path, self.local_path(key))
+                fsync_dir(self.root)
         except BaseException:
             self.delete(key)
             self.settle(key)
             raise
         return key
 
+    def _root_down(self, access="writable"):
+        return folder_down_is_unavailable(self.root, self.FOLDER_NAME, access)
+
     def local_path(self, key):
         """The file behind key, for sendfile."""
         return os.path.join(self.root, key + OBJECT_SUFFIX)
 
     def open(self, key):
-        """Open the stored file for reading (a real file: downloads go out by sendfile)."""
-        return open(self.local_path(key), "rb")
+        """Open the stored file for reading (a real file: downloads go out by sendfile).
+
+        FileNotFoundError when this one file is gone (a racing delete); StorageUnavailable
+        when the whole folder is.
+        """
+        with self._root_down("readable"):
+            return open(self.local_path(key), "rb")
 
     def download_url(self, key, filename, mimetype, expires=600):
         """None: local files are served by this app itself."""
         return None
 
     def delete(self, key):
-        """Remove a stored file; one already gone is no error."""
-        with contextlib.suppress(FileNotFoundError):
+        """Remove a stored file; one already gone is no error, a store that is gone is."""
+        with contextlib.suppress(FileNotFoundError), self._root_down():
             os.unlink(self.local_path(key))
 
     def keys(self, older_than=0):

@@ -566,8 +566,9 @@ def scenario_diskfull(base, big_image, small_image, kind="tmpfs"):
         if mount is None:
             figures.skipped = how
             return figures
-        service = Service(base / "diskfull",
-                          {"STORAGE_URL": f"file://{mount}/images"}).start()
+        # A reserve below the disk's size, so that uploads are stored before they stop.
+        service = Service(base / "diskfull", {"STORAGE_URL": f"file://{mount}/images",
+                                              "MIN_FREE_SPACE": "8M"}).start()
         try:
             token = service.token("filler")
             created, full = {}, 0

@@ -47,7 +47,7 @@ class S3Reader:
     an unreachable store is known before the answer's headers go out.
     """
 
-    # FileWrapper asks for 8 KiB at a time; 1 MiB pieces cost a fifth of the CPU (FACTS.md).
+    # FileWrapper asks for 8 KiB at a time; 1 MiB pieces cost a fifth of the CPU (docs/platform.md).
     PIECE = MiB
 
     def __init__(self, store, key):

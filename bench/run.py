@@ -10,7 +10,7 @@ copies the chart to docs/benchmarks-throughput.png).
 Each transfer figure is the median of several repetitions (with min and max), taken in
 turns between the servers; before each timed transfer the dirty pages are synced and a file
 of the same size is written and deleted, so that every server writes into warm page cache
-(see FACTS.md, "Measuring here").
+(docs/platform.md, "Measuring on these VMs").
 """
 
 import argparse

@@ -115,7 +115,7 @@ def read_response(sock):
 
 
 def send_ignoring_hangup(sock, data):
-    """Send what the server may stop reading (FACTS.md: it answers 413 early and closes)."""
+    """Send what the server may stop reading (docs/platform.md: it answers 413 early and closes)."""
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         sock.sendall(data)
 

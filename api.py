@@ -50,7 +50,8 @@ def openapi_document():
 def list_images():
     """A page of the user's images, newest first, with a Link header."""
     page = images.parse_page(request.args.get("page"))
-    rows, has_next = images.list_images(g.user, request.args.get("search"), page)
+    search = images.check_search(request.args.get("search"))
+    rows, has_next = images.list_images(g.user, search, page)
     response = jsonify([images.image_json(i, base_url()) for i in rows])
     link = link_header(base_url() + "/images", request.args.items(multi=True), page, has_next)
     if link:

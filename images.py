@@ -81,10 +81,29 @@ def _name_contains(text):
                      SQL("ESCAPE"), Value("\\")))
 
 
+# The last page whose LIMIT and OFFSET the databases can still bind (64-bit integers).
+# Every later page lies past the end of any table; it is read as the one after this.
+MAX_PAGE = (MAX_ID - PAGE_SIZE) // PAGE_SIZE
+
+
 def parse_page(value):
-    """1-based page; a missing, non-numeric or < 1 value means 1."""
+    """1-based page; a missing, non-numeric or < 1 value means 1; past MAX_PAGE, MAX_PAGE + 1."""
     # isascii: str.isdigit() also accepts '²', which int() refuses.
-    return int(value) if value and value.isascii() and value.isdigit() and int(value) >= 1 else 1
+    if not (value and value.isascii() and value.isdigit()):
+        return 1
+    digits = value.lstrip("0")
+    # Lengths first: int() refuses a string of more than 4300 digits.
+    if len(digits) > len(str(MAX_PAGE)) or (digits and int(digits) > MAX_PAGE):
+        return MAX_PAGE + 1
+    return int(digits or 1)
+
+
+def check_search(text):
+    """Refuse a search that SQL cannot hold: a NUL (PostgreSQL refuses it in any string,
+    SQLite would end the pattern there and match everything)."""
+    if text and "\x00" in text:
+        raise ValidationError("search", "Search must not contain a NUL character")
+    return text
 
 
 # SQLite allows 500 terms in a compound SELECT; past this many shared namespaces, they are
@@ -117,9 +136,9 @@ def list_images(user, search, page):
     filtered by "owned or shared" cost time in proportion to the whole store instead.
     Two queries: the shared namespaces, then the page's images with their relations.
     """
-    offset = (page - 1) * PAGE_SIZE
-    if offset > MAX_ID:  # past any table's end, and past what the database can bind
+    if page > MAX_PAGE:  # past any table's end, and past what the database can bind
         return [], False
+    offset = (page - 1) * PAGE_SIZE
     count = offset + PAGE_SIZE + 1
     columns = (Image.id, Image.created_at)
     terms = [Image.select(*columns).where(Image.user == user.id)]

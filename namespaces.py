@@ -11,6 +11,9 @@ from models import VISIBILITIES, Collaborator, Namespace, User, db
 SEGMENT = re.compile(r"[a-zA-Z0-9]+")
 USERNAME = re.compile(r"[a-zA-Z0-9_.-]+")
 MAX_DEPTH = 20
+# The columns' sizes: longer text cannot name anything (and PostgreSQL refuses to store it).
+MAX_SEGMENT = Namespace.name.max_length
+MAX_USERNAME = User.username.max_length
 PERMISSION_DENIED = "Namespace permission denied"
 
 
@@ -35,8 +38,14 @@ def parse_namespace_ref(text):
             "namespace", "Namespace path segments must match [a-zA-Z0-9]+, joined by /")
     if len(segments) > MAX_DEPTH:
         raise ValidationError("namespace", f"Namespace path deeper than {MAX_DEPTH}")
+    if any(len(s) > MAX_SEGMENT for s in segments):
+        raise ValidationError(
+            "namespace", f"Namespace path segments must be at most {MAX_SEGMENT} characters")
     if at and not USERNAME.fullmatch(owner):
         raise ValidationError("namespace", "Namespace owner must be a username after @")
+    if len(owner) > MAX_USERNAME:
+        raise ValidationError(
+            "namespace", f"Namespace owner must be at most {MAX_USERNAME} characters")
     return NamespaceRef(segments, owner or None)
 
 

@@ -281,8 +281,17 @@ def recover(storage):
 
 
 def orphan_keys(storage, older_than):
-    """Stored files with no row (left by a crash between put and commit, or delete and unlink)."""
+    """Stored files with no row (left by a crash between put and commit, or delete and unlink).
+
+    An upload holds an intent on its key from before the file appears until after its row
+    is committed. So the keys are listed first, then the intents, then the rows: a file
+    listed is either still under its intent, or its row was committed before the rows
+    are read. Listing rows first lost files whose row came in between, and a file under
+    a live upload's intent was removed whenever it was older than `older_than`.
+    """
+    listed = storage.keys(older_than=older_than)
+    pending = storage.intended_keys()
     known = {key for (key,) in Image.select(Image.storage_key).tuples()}
-    return [key for key in storage.keys(older_than=older_than) if key not in known]
+    return [key for key in listed if key not in pending and key not in known]
 
 

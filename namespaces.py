@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from peewee import IntegrityError
 
 from errors import ValidationError
-from models import VISIBILITIES, Collaborator, Namespace, User, db
+from models import Collaborator, Namespace, User, db
 
 SEGMENT = re.compile(r"[a-zA-Z0-9]+")
 USERNAME = re.compile(r"[a-zA-Z0-9_.-]+")
@@ -91,13 +91,18 @@ def resolve_upload_target(user, ref):
 
 
 def ensure_namespace(owner, segments, visibility="private"):
-    """Return the owner's namespace at segments, creating it and missing parents."""
+    """Return the owner's namespace at segments, creating it and missing parents.
+
+    visibility is that of a new root; a new child takes its root's, which is the one that
+    counts (can_read), so that what the API shows agrees with who may read.
+    """
     parent = None
     for depth in range(1, len(segments) + 1):
         path = "/".join(segments[:depth])
         found = find_namespace(owner, path)
         if found is None:
-            found = _create_one(owner, parent, segments[depth - 1], path, visibility)
+            inherited = parent.root.visibility if parent else visibility
+            found = _create_one(owner, parent, segments[depth - 1], path, inherited)
         parent = found
     return parent
 
@@ -115,9 +120,3 @@ def _create_one(owner, parent, name, path, visibility):
     except IntegrityError:
         return find_namespace(owner, path)
 
-
-def check_visibility(value):
-    """Refuse a visibility other than private, internal or public."""
-    if value not in VISIBILITIES:
-        raise ValueError(f"visibility must be one of {', '.join(VISIBILITIES)}")
-    return value

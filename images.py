@@ -4,6 +4,7 @@ import functools
 import logging
 import operator
 import re
+import sys
 from datetime import UTC
 
 from peewee import JOIN, SQL, IntegrityError, NodeList, Value, fn
@@ -81,21 +82,23 @@ def _name_contains(text):
                      SQL("ESCAPE"), Value("\\")))
 
 
-# The last page whose LIMIT and OFFSET the databases can still bind (64-bit integers).
-# Every later page lies past the end of any table; it is read as the one after this.
+# The last page whose LIMIT and OFFSET the databases can still bind (64-bit integers):
+# every later page lies past the end of any table.
 MAX_PAGE = (MAX_ID - PAGE_SIZE) // PAGE_SIZE
+# int() and str() refuse numbers of more digits than this (Python's guard against slow
+# conversions); a longer page number is read as the largest one they take.
+PAGE_DIGITS = sys.get_int_max_str_digits() or 4300
 
 
 def parse_page(value):
-    """1-based page; a missing, non-numeric or < 1 value means 1; past MAX_PAGE, MAX_PAGE + 1."""
+    """1-based page; a missing, non-numeric or < 1 value means 1."""
     # isascii: str.isdigit() also accepts '²', which int() refuses.
     if not (value and value.isascii() and value.isdigit()):
         return 1
     digits = value.lstrip("0")
-    # Lengths first: int() refuses a string of more than 4300 digits.
-    if len(digits) > len(str(MAX_PAGE)) or (digits and int(digits) > MAX_PAGE):
-        return MAX_PAGE + 1
-    return int(digits or 1)
+    if len(digits) > PAGE_DIGITS:
+        return 10 ** PAGE_DIGITS - 1
+    return max(int(digits or "0"), 1)
 
 
 def check_search(text):

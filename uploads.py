@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 
-from gunicorn.http.errors import ChunkMissingTerminator, ParseException
+from gunicorn.http.errors import ChunkMissingTerminator, NoMoreData, ParseException
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from errors import DISK_FULL, ApiError, ValidationError
@@ -79,7 +79,7 @@ def _form_file(request):
         return request.files.get("file")
     except ParseException as error:
         raise broken_framing(error) from None
-    except (ClientDisconnected, OSError) as error:
+    except (ClientDisconnected, NoMoreData) as error:  # not OSError: a full disk is a 507
         raise cut_off() from error
 
 

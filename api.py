@@ -59,7 +59,8 @@ def openapi_document():
 def list_images():
     """A page of the user's images, newest first, with a Link header."""
     page = images.parse_page(request.args.get("page"))
-    rows, has_next = images.list_images(g.user, request.args.get("search"), page)
+    search = images.check_search(request.args.get("search"))
+    rows, has_next = images.list_images(g.user, search, page)
     response = jsonify([images.image_json(i, base_url()) for i in rows])
     link = link_header(base_url() + "/images", request.args.items(multi=True), page, has_next)
     if link:
@@ -82,10 +83,21 @@ def create_image():
         try:
             info = inspect_qcow2(staged.path, config["MAX_VIRTUAL_SIZE"])
         except ImageRefused as refusal:
-            raise ValidationError("file", str(refusal)) from None
+            raise ValidationError("file", refusal_message(refusal)) from None
         image = images.create_image(plan, storage(), staged, size, sha256, info)
     body = images.image_json(image, base_url())
     return jsonify(body), 201, {"Location": body["url"]}
+
+
+# curl -d @file sends this type, and strips every CR and LF byte from the file first.
+FORM_TYPE = "application/x-www-form-urlencoded"
+FORM_HINT = (f" (the body came as {FORM_TYPE}, as curl's -d sends a file after removing "
+             "its CR and LF bytes: send the file with `curl --data-binary @file` or `-T file`)")
+
+
+def refusal_message(refusal):
+    """Why the file was refused; for a body sent as a form, how to send it unchanged."""
+    return str(refusal) + (FORM_HINT if request.mimetype == FORM_TYPE else "")
 
 
 @bp.get("/images/<int:image_id>")

@@ -3,13 +3,21 @@
 import click
 from flask import current_app
 from flask.cli import AppGroup, with_appcontext
-from peewee import IntegrityError
+from peewee import IntegrityError, fn
 
 import images
 from auth import issue_token, parse_scopes
 from errors import ValidationError
-from models import Collaborator, Token, User, create_tables, db
-from namespaces import check_visibility, ensure_namespace, find_namespace, parse_namespace_ref
+from models import (
+    VISIBILITIES,
+    Collaborator,
+    Namespace,
+    Token,
+    User,
+    create_tables,
+    write_transaction,
+)
+from namespaces import MAX_USERNAME, USERNAME, ensure_namespace, find_namespace, parse_namespace_ref
 
 user_cli = AppGroup("user", help="Manage users.")
 token_cli = AppGroup("token", help="Manage API tokens.")
@@ -30,13 +38,40 @@ def _ref(text):
         raise click.BadParameter(error.fields["namespace"][0]) from None
 
 
+def _check_username(username):
+    """Refuse a username that `path@owner` cannot name, or that differs from one in use
+    by case alone (two such users could not be told apart by a person reading a path)."""
+    if not USERNAME.fullmatch(username) or username in (".", ".."):
+        raise click.BadParameter(
+            "use letters, digits, '_', '.' and '-' (not '.' or '..' alone)",
+            param_hint="USERNAME")
+    if len(username) > MAX_USERNAME:
+        raise click.BadParameter(f"at most {MAX_USERNAME} characters", param_hint="USERNAME")
+    twin = User.get_or_none(fn.LOWER(User.username) == username.lower())
+    if twin is not None:
+        raise click.ClickException(f"user {twin.username!r} already exists")
+
+
+def _check_email(email):
+    """Refuse what cannot be an address, or would not fit its column."""
+    limit = User.email.max_length
+    if len(email) > limit or email.count("@") != 1 or not email.isprintable() \
+            or any(c.isspace() for c in email):
+        raise click.BadParameter(f"an address like me@example.com, at most {limit} characters",
+                                 param_hint="EMAIL")
+
+
 @user_cli.command("create")
 @click.argument("username")
 @click.argument("email")
 def create_user(username, email):
     """Create a user; print its id."""
+    _check_email(email)
     try:
-        user = User.create(username=username, email=email)
+        # One write transaction: on SQLite, two creates of case twins take turns.
+        with write_transaction():
+            _check_username(username)
+            user = User.create(username=username, email=email)
     except IntegrityError:
         raise click.ClickException(f"user {username!r} already exists") from None
     click.echo(user.id)
@@ -73,17 +108,71 @@ def revoke_token(token_id):
     click.echo(f"revoked {token_id}")
 
 
+def _described(ns, owner):
+    """'path@owner (id N, visibility V)', V being the root's, which is what counts."""
+    return f"{ns.path}@{owner.username} (id {ns.id}, visibility {ns.root.visibility})"
+
+
 @namespace_cli.command("create")
 @click.argument("path")
 @click.option("--owner", required=True)
-@click.option("--visibility", default="private",
-              type=click.Choice(["private", "internal", "public"]))
+@click.option("--visibility", type=click.Choice(VISIBILITIES),
+              help="of a new root (default private); a child has its root's")
 def create_namespace(path, owner, visibility):
-    """Create a namespace (and missing parents); print its id."""
+    """Create a namespace (and missing parents); print its id.
+
+    One that exists is left as it is: its id is printed when it already has the asked
+    visibility (or none was asked), else the command fails and says how to change it.
+    """
     ref = _ref(path)
-    with db.atomic():
-        ns = ensure_namespace(_user(owner), ref.segments, check_visibility(visibility))
+    with write_transaction():
+        user = _user(owner)
+        ns = find_namespace(user, ref.path) or find_namespace(user, ref.segments[0])
+        if ns is not None and visibility not in (None, ns.root.visibility):
+            _refuse_other_visibility(ns, ref, user)
+        existed = ns is not None and ns.path == ref.path
+        ns = ensure_namespace(user, ref.segments, visibility or "private")
+    if existed:
+        click.echo(f"namespace {_described(ns, user)} exists", err=True)
     click.echo(ns.id)
+
+
+def _refuse_other_visibility(ns, ref, user):
+    """Fail for a create whose --visibility the namespace (or the root it would be under)
+    does not have: create never changes a visibility."""
+    if ns.path == ref.path:
+        raise click.ClickException(f"namespace {_described(ns, user)} exists; "
+                                   "use set-visibility to change it")
+    raise click.ClickException(
+        f"{ref.path}@{user.username} would be under {_described(ns, user)}, and a "
+        "namespace has its root's visibility; use set-visibility on the root to change it")
+
+
+@namespace_cli.command("set-visibility")
+@click.argument("ref")
+@click.argument("visibility", type=click.Choice(VISIBILITIES))
+def set_visibility(ref, visibility):
+    """Make the root namespace PATH@OWNER, and so all below it, private, internal or public.
+
+    Only a root's visibility counts, and it covers its children: a child is refused, so
+    that nobody changes a whole tree while naming one branch of it.
+    """
+    parsed = _ref(ref)
+    if parsed.owner is None:
+        raise click.BadParameter("name the owner: PATH@OWNER", param_hint="REF")
+    user = _user(parsed.owner)
+    with write_transaction():
+        ns = find_namespace(user, parsed.path)
+        if ns is None:
+            raise click.ClickException(f"no namespace {ref!r}")
+        if ns.parent_id is not None:
+            raise click.ClickException(
+                f"{ref} is not a root: it has the visibility of {_described(ns.root, user)}; "
+                f"set that: set-visibility {ns.root.path}@{user.username} {visibility}")
+        was = ns.visibility
+        # Children carry the value too (the API shows it): they follow their root.
+        Namespace.update(visibility=visibility).where(Namespace.root == ns.id).execute()
+    click.echo(f"{ns.path}@{user.username}: visibility {visibility} (was {was})")
 
 
 @namespace_cli.command("add-collaborator")

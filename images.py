@@ -4,6 +4,7 @@ import functools
 import logging
 import operator
 import re
+import sys
 from datetime import UTC
 
 from peewee import JOIN, SQL, IntegrityError, NodeList, Value, fn
@@ -81,10 +82,31 @@ def _name_contains(text):
                      SQL("ESCAPE"), Value("\\")))
 
 
+# The last page whose LIMIT and OFFSET the databases can still bind (64-bit integers):
+# every later page lies past the end of any table.
+MAX_PAGE = (MAX_ID - PAGE_SIZE) // PAGE_SIZE
+# int() and str() refuse numbers of more digits than this (Python's guard against slow
+# conversions); a longer page number is read as the largest one they take.
+PAGE_DIGITS = sys.get_int_max_str_digits() or 4300
+
+
 def parse_page(value):
     """1-based page; a missing, non-numeric or < 1 value means 1."""
     # isascii: str.isdigit() also accepts '²', which int() refuses.
-    return int(value) if value and value.isascii() and value.isdigit() and int(value) >= 1 else 1
+    if not (value and value.isascii() and value.isdigit()):
+        return 1
+    digits = value.lstrip("0")
+    if len(digits) > PAGE_DIGITS:
+        return 10 ** PAGE_DIGITS - 1
+    return max(int(digits or "0"), 1)
+
+
+def check_search(text):
+    """Refuse a search that SQL cannot hold: a NUL (PostgreSQL refuses it in any string,
+    SQLite would end the pattern there and match everything)."""
+    if text and "\x00" in text:
+        raise ValidationError("search", "Search must not contain a NUL character")
+    return text
 
 
 # SQLite allows 500 terms in a compound SELECT; past this many shared namespaces, they are
@@ -117,9 +139,9 @@ def list_images(user, search, page):
     filtered by "owned or shared" cost time in proportion to the whole store instead.
     Two queries: the shared namespaces, then the page's images with their relations.
     """
-    offset = (page - 1) * PAGE_SIZE
-    if offset > MAX_ID:  # past any table's end, and past what the database can bind
+    if page > MAX_PAGE:  # past any table's end, and past what the database can bind
         return [], False
+    offset = (page - 1) * PAGE_SIZE
     count = offset + PAGE_SIZE + 1
     columns = (Image.id, Image.created_at)
     terms = [Image.select(*columns).where(Image.user == user.id)]
@@ -262,8 +284,17 @@ def recover(storage):
 
 
 def orphan_keys(storage, older_than):
-    """Stored files with no row (left by a crash between put and commit, or delete and unlink)."""
+    """Stored files with no row (left by a crash between put and commit, or delete and unlink).
+
+    An upload holds an intent on its key from before the file appears until after its row
+    is committed. So the keys are listed first, then the intents, then the rows: a file
+    listed is either still under its intent, or its row was committed before the rows
+    are read. Listing rows first lost files whose row came in between, and a file under
+    a live upload's intent was removed whenever it was older than `older_than`.
+    """
+    listed = storage.keys(older_than=older_than)
+    pending = storage.intended_keys()
     known = {key for (key,) in Image.select(Image.storage_key).tuples()}
-    return [key for key in storage.keys(older_than=older_than) if key not in known]
+    return [key for key in listed if key not in pending and key not in known]
 
 

@@ -6,11 +6,14 @@ from dataclasses import dataclass
 from peewee import IntegrityError
 
 from errors import ValidationError
-from models import VISIBILITIES, Collaborator, Namespace, User, db
+from models import Collaborator, Namespace, User, db
 
 SEGMENT = re.compile(r"[a-zA-Z0-9]+")
 USERNAME = re.compile(r"[a-zA-Z0-9_.-]+")
 MAX_DEPTH = 20
+# The columns' sizes: longer text cannot name anything (and PostgreSQL refuses to store it).
+MAX_SEGMENT = Namespace.name.max_length
+MAX_USERNAME = User.username.max_length
 PERMISSION_DENIED = "Namespace permission denied"
 
 
@@ -35,8 +38,14 @@ def parse_namespace_ref(text):
             "namespace", "Namespace path segments must match [a-zA-Z0-9]+, joined by /")
     if len(segments) > MAX_DEPTH:
         raise ValidationError("namespace", f"Namespace path deeper than {MAX_DEPTH}")
+    if any(len(s) > MAX_SEGMENT for s in segments):
+        raise ValidationError(
+            "namespace", f"Namespace path segments must be at most {MAX_SEGMENT} characters")
     if at and not USERNAME.fullmatch(owner):
         raise ValidationError("namespace", "Namespace owner must be a username after @")
+    if len(owner) > MAX_USERNAME:
+        raise ValidationError(
+            "namespace", f"Namespace owner must be at most {MAX_USERNAME} characters")
     return NamespaceRef(segments, owner or None)
 
 
@@ -82,13 +91,18 @@ def resolve_upload_target(user, ref):
 
 
 def ensure_namespace(owner, segments, visibility="private"):
-    """Return the owner's namespace at segments, creating it and missing parents."""
+    """Return the owner's namespace at segments, creating it and missing parents.
+
+    visibility is that of a new root; a new child takes its root's, which is the one that
+    counts (can_read), so that what the API shows agrees with who may read.
+    """
     parent = None
     for depth in range(1, len(segments) + 1):
         path = "/".join(segments[:depth])
         found = find_namespace(owner, path)
         if found is None:
-            found = _create_one(owner, parent, segments[depth - 1], path, visibility)
+            inherited = parent.root.visibility if parent else visibility
+            found = _create_one(owner, parent, segments[depth - 1], path, inherited)
         parent = found
     return parent
 
@@ -106,9 +120,3 @@ def _create_one(owner, parent, name, path, visibility):
     except IntegrityError:
         return find_namespace(owner, path)
 
-
-def check_visibility(value):
-    """Refuse a visibility other than private, internal or public."""
-    if value not in VISIBILITIES:
-        raise ValueError(f"visibility must be one of {', '.join(VISIBILITIES)}")
-    return value

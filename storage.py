@@ -188,6 +188,12 @@ class TempFolder:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._intent_path(key, pid))
 
+    def intended_keys(self):
+        """Keys with an intent of any process, live or dead: files that may be about to
+        get (or lose) their row, and that nothing but recover() may remove."""
+        return {name[:-len(INTENT_SUFFIX)].partition("-")[2]
+                for name in os.listdir(self.temp_folder) if name.endswith(INTENT_SUFFIX)}
+
     def unsettled(self):
         """(key, pid) of the intents whose process died before settling them."""
         found = []

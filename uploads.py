@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 
+from gunicorn.http.errors import ChunkMissingTerminator, NoMoreData, ParseException
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from errors import DISK_FULL, ApiError, ValidationError
@@ -65,10 +66,21 @@ def body_stream(request):
     (None when chunked), or the `file` field of a multipart form (length unknown)."""
     if request.mimetype != "multipart/form-data":
         return request.stream, request.content_length
-    upload = request.files.get("file")
+    upload = _form_file(request)
     if upload is None:
         raise ValidationError("file", "File field required in a multipart/form-data body")
     return upload.stream, None
+
+
+def _form_file(request):
+    """The form's `file` field; Werkzeug reads the whole form first, so a body that breaks
+    while it does is turned into an API error here."""
+    try:
+        return request.files.get("file")
+    except ParseException as error:
+        raise broken_framing(error) from None
+    except (ClientDisconnected, NoMoreData) as error:  # not OSError: a full disk is a 507
+        raise cut_off() from error
 
 
 class HashOnTheSide:
@@ -184,12 +196,27 @@ def too_slow(watch):
     return ApiError(408, f"Request Timeout: the body stalled for {watch.timeout} seconds")
 
 
+def broken_framing(error):
+    """The 400 for a chunked body whose framing gunicorn's reader refused.
+
+    gunicorn raises its parser's own exceptions through the request's stream (a bad chunk
+    size, no CRLF after a chunk, a bad extension, an endless size line or trailer). A
+    terminator missing because the body simply ended is a cut-off body, not bad framing.
+    """
+    if isinstance(error, ChunkMissingTerminator) and len(error.term or b"") < 2:
+        return cut_off()
+    what = str(error).split(":", 1)[0][:80]
+    return ApiError(400, f"Malformed chunked transfer encoding in the body: {what}")
+
+
 def _read(stream, max_size, watch=None):
     """Read one chunk, turning the ways a body can end badly into API errors."""
     try:
         return stream.read(CHUNK_SIZE)
     except RequestEntityTooLarge:
         raise too_large(max_size) from None
+    except ParseException as error:
+        raise broken_framing(error) from None
     except (ClientDisconnected, OSError) as error:
         # The client went away, the chunked framing broke, or the watch cut a slow body.
         if watch and watch.expired:

@@ -1,6 +1,7 @@
 """Upload bodies that end early or come too slowly, against a real gunicorn: the client
 gets an error and nothing is kept."""
 
+import json
 import socket
 import time
 
@@ -95,3 +96,81 @@ def test_a_whole_body_at_a_normal_pace_is_stored(server, qcow2_bytes):
     sock.close()
     assert status == 201
     assert len([f for f in stored_files(server) if f.endswith(".qcow2")]) == 1
+
+
+def send_chunked(server, name, body, content_type=None):
+    """POST body as it is (the chunked framing included); return (status, body)."""
+    port = int(server.url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = (f"POST /images?name={name} HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: {server.headers['Authorization']}\r\n"
+            "Transfer-Encoding: chunked\r\n")
+    if content_type:
+        head += f"Content-Type: {content_type}\r\n"
+    sock.sendall(head.encode() + b"\r\n" + body)
+    sock.shutdown(socket.SHUT_WR)
+    status, head, answer = read_answer(sock)
+    sock.close()
+    assert b"application/json" in head
+    return status, json.loads(answer)
+
+
+def chunk(data):
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+@pytest.mark.parametrize("framing", [
+    b"zz\r\n",  # not hex
+    b"-5\r\n",  # negative
+    b"5 5\r\n",  # a space in the size
+    b"3\r\nabcXX",  # no CRLF after the chunk's bytes
+    b"3;=x\r\nabc\r\n",  # an extension without a name
+    b"1" * 9000,  # a size line that never ends
+], ids=["bad-hex", "negative", "space", "missing-crlf", "bad-extension", "endless-line"])
+def test_broken_chunked_framing_is_400_without_a_traceback(server, qcow2_bytes, framing):
+    """gunicorn's chunked reader raised its own errors through request.stream: a 500 and
+    a traceback in the log. The framing breaks after a whole qcow2 header was received."""
+    log, kept = server.instance / "gunicorn.log", stored_files(server)
+    logged = log.stat().st_size
+    status, answer = send_chunked(server, "framing", chunk(qcow2_bytes[:65536]) + framing)
+    assert status == 400
+    assert "chunked" in answer["message"]
+    assert "Traceback" not in log.read_text(errors="replace")[logged:]
+    assert stored_files(server) == kept
+
+
+@pytest.mark.parametrize("cut", [-100, -2, -1], ids=["in-a-chunk", "before-crlf", "in-crlf"])
+def test_chunked_body_cut_off_is_400(server, qcow2_bytes, cut):
+    """The body ends: in a chunk's bytes, or where the CRLF after them should be."""
+    kept = stored_files(server)
+    status, answer = send_chunked(server, "cut", chunk(qcow2_bytes)[:cut])
+    assert (status, answer) == (400, {"message": "Upload cut off before the end of the body"})
+    assert stored_files(server) == kept
+
+
+def test_broken_chunked_framing_of_a_multipart_body_is_400(server, qcow2_bytes):
+    """Werkzeug reads a form itself, before the upload code sees the stream."""
+    form = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x\"\r\n\r\n"
+            + qcow2_bytes[:1000])
+    log, kept = server.instance / "gunicorn.log", stored_files(server)
+    logged = log.stat().st_size
+    status, answer = send_chunked(server, "form", chunk(form) + b"zz\r\n",
+                                  "multipart/form-data; boundary=b")
+    assert status == 400 and "chunked" in answer["message"]
+    assert "Traceback" not in log.read_text(errors="replace")[logged:]
+    assert stored_files(server) == kept
+
+
+def test_a_whole_chunked_body_is_stored(server, qcow2_bytes):
+    status, answer = send_chunked(server, "chunked", chunk(qcow2_bytes) + b"0\r\n\r\n")
+    assert status == 201 and answer["size"] == len(qcow2_bytes)
+
+
+def test_chunked_multipart_body_cut_off_is_400(server, qcow2_bytes):
+    form = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x\"\r\n\r\n"
+            + qcow2_bytes[:1000])
+    kept = stored_files(server)
+    status, answer = send_chunked(server, "formcut", chunk(form)[:-10],
+                                  "multipart/form-data; boundary=b")
+    assert (status, answer) == (400, {"message": "Upload cut off before the end of the body"})
+    assert stored_files(server) == kept

@@ -2,10 +2,13 @@
 
 import hashlib
 import io
+import json
 import re
+import subprocess
 from datetime import datetime, timedelta
 
 import pytest
+from conftest import make_qcow2
 
 from models import Image
 
@@ -380,3 +383,54 @@ def test_forwarded_headers_honoured_when_trusted(tmp_path, make_account, qcow2_b
             "X-Forwarded-Host": "images.example.com"})
     assert response.status_code == 201
     assert response.json["url"].startswith("https://images.example.com/images/")
+
+
+# An upload sent with `curl -d @file` -------------------------------------------------------
+
+FORM = "application/x-www-form-urlencoded"
+
+
+@pytest.fixture(scope="module")
+def qcow2_with_newline(tmp_path_factory):
+    """A valid qcow2 with a LF byte in its header (its virtual size is 0x000a0000 bytes)."""
+    path = make_qcow2(tmp_path_factory.mktemp("lf") / "lf.qcow2", "640K")
+    assert b"\n" in path.read_bytes()[:64]
+    return path
+
+
+def as_curl_d_sends(data):
+    """What `curl -d @file` sends of a file: every CR and LF removed."""
+    return data.replace(b"\r", b"").replace(b"\n", b"")
+
+
+def test_a_file_mangled_by_curl_d_is_refused_with_how_to_send_it(
+        client, alice, qcow2_with_newline, store_files):
+    body = as_curl_d_sends(qcow2_with_newline.read_bytes())
+    response = client.post("/images?name=dashd", headers=alice.headers, data=body,
+                           content_type=FORM)
+    assert response.status_code == 400
+    (message,) = response.json["file"]
+    assert "curl --data-binary @file" in message and "-T file" in message
+    assert store_files() == []
+    other = client.post("/images?name=raw", headers=alice.headers, data=body,
+                        content_type="application/octet-stream")
+    assert "--data-binary" not in other.json["file"][0]
+    assert other.json["file"][0] in message
+
+
+def test_real_curl_d_gets_the_hint_and_data_binary_works(live_server, qcow2_with_newline):
+    """curl's -d and --data-binary both send the form type; only -d strips the file."""
+    auth = "Authorization: " + live_server.account("curler")["Authorization"]
+
+    def curl(option, name):
+        done = subprocess.run(
+            ["curl", "-sS", "-X", "POST", "-H", auth, option, f"@{qcow2_with_newline}",
+             f"{live_server.url}/images?name={name}", "-w", "\\n%{http_code}"],
+            capture_output=True, check=True, timeout=60)
+        body, _, status = done.stdout.rpartition(b"\n")
+        return int(status), json.loads(body)
+
+    status, refused = curl("-d", "dashd")
+    assert status == 400 and "curl --data-binary @file" in refused["file"][0]
+    status, stored = curl("--data-binary", "binary")
+    assert status == 201 and stored["size"] == qcow2_with_newline.stat().st_size

@@ -4,10 +4,12 @@ temporary files, and keys whose file and row were being changed together (intent
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
+from conftest import ROOT
 
-from images import recover
+from images import orphan_keys, recover
 from models import Image
 from storage import INTENT_SUFFIX, TEMP_SUFFIX
 
@@ -96,3 +98,78 @@ def test_the_app_recovers_when_it_starts(app, dead_pid):
     create_app(dict(app.config), instance_path=app.instance_path)
     assert os.listdir(store.temp_folder) == []
     assert not os.path.exists(orphan)
+
+
+class HeldUpload:
+    """An upload on its own thread, held after put() moved its file in and left its intent,
+    before its row is committed: as a live upload is while `flask sweep` runs."""
+
+    def __init__(self, monkeypatch, store, upload, account):
+        self.stored, self.go_on, self.result = threading.Event(), threading.Event(), {}
+        real_put = store.put
+
+        def put_then_wait(staged):
+            key = real_put(staged)
+            self.stored.set()
+            assert self.go_on.wait(120), "the test never let the upload go on"
+            return key
+
+        monkeypatch.setattr(store, "put", put_then_wait)
+        self.thread = threading.Thread(
+            target=lambda: self.result.update(response=upload(account, name="held")))
+        self.thread.start()
+        assert self.stored.wait(120), "the upload never reached put()"
+
+    def finish(self):
+        """Let the upload commit; return its response."""
+        self.go_on.set()
+        self.thread.join(120)
+        assert not self.thread.is_alive()
+        return self.result["response"]
+
+
+def sweep_command(app, *args):
+    """`flask sweep` in a process of its own, as an admin runs it beside the service."""
+    env = {**os.environ, "DATABASE_URL": app.config["DATABASE_URL"],
+           "STORAGE_URL": app.config["STORAGE_URL"], "SECRET_KEY": app.config["SECRET_KEY"],
+           "IMAGESTORE_INSTANCE": app.instance_path}
+    return subprocess.run([sys.executable, "-m", "flask", "--app", "app", "sweep", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                          check=True).stdout
+
+
+def test_sweep_spares_a_live_upload_between_put_and_commit(
+        app, client, alice, upload, qcow2_bytes, monkeypatch):
+    """`sweep --min-age 0` removed the file of an upload that had not committed its row
+    yet: the upload then answered 201 for an image whose file was gone."""
+    held = HeldUpload(monkeypatch, app.extensions["storage"], upload, alice)
+    try:
+        output = sweep_command(app, "--min-age", "0")
+    finally:
+        response = held.finish()
+    assert output.strip() == "removed 0 temporary files and 0 orphan files"
+    assert response.status_code == 201
+    got = client.get(f"/images/{response.json['id']}",
+                     headers={**alice.headers, "Accept": "application/octet-stream"})
+    assert got.status_code == 200 and got.data == qcow2_bytes
+
+
+@pytest.mark.parametrize("commit_during", ["keys", "intended_keys"])
+def test_a_row_committed_while_the_sweep_lists_keeps_its_file(
+        app, alice, upload, monkeypatch, commit_during):
+    """The upload commits while the sweep is between its listings: its file is no orphan."""
+    store = app.extensions["storage"]
+    held = HeldUpload(monkeypatch, store, upload, alice)
+    real_listing = getattr(store, commit_during)
+
+    def listing_then_commit(*args, **kwargs):
+        found = real_listing(*args, **kwargs)
+        assert held.finish().status_code == 201
+        return found
+
+    monkeypatch.setattr(store, commit_during, listing_then_commit)
+    try:
+        assert orphan_keys(store, older_than=0) == []
+    finally:
+        held.finish()
+    assert os.path.exists(store.local_path(Image.get().storage_key))

@@ -85,7 +85,7 @@ def test_sweep_removes_orphans_and_dead_temp_files(app, runner, alice, upload, s
     orphan = os.path.join(storage.root, "deadbeef.qcow2")
     open(orphan, "wb").close()
     # A temporary file of a process that no longer exists (pid far above pid_max).
-    dead_temp = os.path.join(storage.temp_folder, "999999999-abc.part")
+    dead_temp = os.path.join(storage.staging_folder, "999999999-abc.part")
     open(dead_temp, "wb").close()
     result = runner.invoke(args=["sweep", "--min-age", "0"])
     assert result.exit_code == 0

@@ -9,7 +9,7 @@ import pytest
 
 from images import recover
 from models import Image
-from storage import INTENT_SUFFIX, TEMP_SUFFIX
+from staging import INTENT_SUFFIX, TEMP_SUFFIX
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_a_file_whose_row_never_came_is_removed(app, dead_pid):
     """A worker killed between moving the file in and committing its row."""
     store = app.extensions["storage"]
     orphan = leave(store.root, "deadbeef.qcow2", b"QFI\xfb")
-    intent = leave(store.temp_folder, f"{dead_pid}-deadbeef{INTENT_SUFFIX}")
+    intent = leave(store.staging_folder, f"{dead_pid}-deadbeef{INTENT_SUFFIX}")
     with app.app_context():
         assert recover(store) == (0, 1)
     assert not os.path.exists(orphan)
@@ -52,7 +52,7 @@ def test_a_file_whose_row_was_committed_is_kept(app, alice, upload, dead_pid):
     upload(alice, name="kept")
     store = app.extensions["storage"]
     key = Image.get().storage_key
-    intent = leave(store.temp_folder, f"{dead_pid}-{key}{INTENT_SUFFIX}")
+    intent = leave(store.staging_folder, f"{dead_pid}-{key}{INTENT_SUFFIX}")
     with app.app_context():
         assert recover(store) == (0, 0)
     assert os.path.exists(store.local_path(key))
@@ -64,7 +64,7 @@ def test_a_file_whose_row_was_deleted_is_removed(app, alice, upload, dead_pid):
     upload(alice, name="gone")
     store = app.extensions["storage"]
     image = Image.get()
-    leave(store.temp_folder, f"{dead_pid}-{image.storage_key}{INTENT_SUFFIX}")
+    leave(store.staging_folder, f"{dead_pid}-{image.storage_key}{INTENT_SUFFIX}")
     Image.delete().execute()
     with app.app_context():
         assert recover(store) == (0, 1)
@@ -74,11 +74,11 @@ def test_a_file_whose_row_was_deleted_is_removed(app, alice, upload, dead_pid):
 def test_live_workers_keep_their_files_and_dead_ones_lose_them(app, dead_pid):
     store = app.extensions["storage"]
     live = os.getppid()  # a process that surely runs, and is not this one
-    kept = [leave(store.temp_folder, f"{live}-a{TEMP_SUFFIX}"),
-            leave(store.temp_folder, f"{live}-b{INTENT_SUFFIX}")]
-    swept = [leave(store.temp_folder, f"{dead_pid}-c{TEMP_SUFFIX}"),
-             leave(store.temp_folder, f"{os.getpid()}-d{TEMP_SUFFIX}"),  # an earlier self
-             leave(store.temp_folder, "stray-file")]
+    kept = [leave(store.staging_folder, f"{live}-a{TEMP_SUFFIX}"),
+            leave(store.staging_folder, f"{live}-b{INTENT_SUFFIX}")]
+    swept = [leave(store.staging_folder, f"{dead_pid}-c{TEMP_SUFFIX}"),
+             leave(store.staging_folder, f"{os.getpid()}-d{TEMP_SUFFIX}"),  # an earlier self
+             leave(store.staging_folder, "stray-file")]
     with app.app_context():
         assert recover(store) == (3, 0)
     assert all(os.path.exists(p) for p in kept)
@@ -91,8 +91,8 @@ def test_the_app_recovers_when_it_starts(app, dead_pid):
 
     store = app.extensions["storage"]
     orphan = leave(store.root, "cafe.qcow2")
-    leave(store.temp_folder, f"{dead_pid}-cafe{INTENT_SUFFIX}")
-    leave(store.temp_folder, f"{dead_pid}-x{TEMP_SUFFIX}")
+    leave(store.staging_folder, f"{dead_pid}-cafe{INTENT_SUFFIX}")
+    leave(store.staging_folder, f"{dead_pid}-x{TEMP_SUFFIX}")
     create_app(dict(app.config), instance_path=app.instance_path)
-    assert os.listdir(store.temp_folder) == []
+    assert os.listdir(store.staging_folder) == []
     assert not os.path.exists(orphan)

@@ -90,7 +90,7 @@ def test_an_upload_to_a_read_only_store_is_503_and_leaves_nothing(app, client, a
     assert_unavailable(response, READ_ONLY, store_root)
     assert (health.status_code, health.json) == (503, {"status": "storage not writable"})
     assert Image.select().count() == 0
-    assert os.listdir(app.extensions["storage"].temp_folder) == []
+    assert os.listdir(app.extensions["storage"].staging_folder) == []
 
 
 def test_a_delete_in_a_read_only_store_is_503_and_keeps_the_image(client, alice, upload,

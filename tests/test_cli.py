@@ -1,5 +1,7 @@
 """The admin commands of the contract, through Flask's CLI runner."""
 
+from conftest import store_folder
+
 from auth import hash_token
 from models import Collaborator, Namespace, Token, User
 
@@ -82,7 +84,7 @@ def test_sweep_removes_orphans_and_dead_temp_files(app, runner, alice, upload, s
     import os
     storage = app.extensions["storage"]
     kept = upload(alice).json
-    orphan = os.path.join(storage.root, "deadbeef.qcow2")
+    orphan = os.path.join(store_folder(app), "deadbeef.qcow2")
     open(orphan, "wb").close()
     # A temporary file of a process that no longer exists (pid far above pid_max).
     dead_temp = os.path.join(storage.staging_folder, "999999999-abc.part")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import store_folder, stored_path
 
 from images import recover
 from models import Image
@@ -39,7 +40,7 @@ def test_uploads_and_deletes_leave_no_intent(client, alice, upload, store_files)
 def test_a_file_whose_row_never_came_is_removed(app, dead_pid):
     """A worker killed between moving the file in and committing its row."""
     store = app.extensions["storage"]
-    orphan = leave(store.root, "deadbeef.qcow2", b"QFI\xfb")
+    orphan = leave(store_folder(app), "deadbeef.qcow2", b"QFI\xfb")
     intent = leave(store.staging_folder, f"{dead_pid}-deadbeef{INTENT_SUFFIX}")
     with app.app_context():
         assert recover(store) == (0, 1)
@@ -55,7 +56,7 @@ def test_a_file_whose_row_was_committed_is_kept(app, alice, upload, dead_pid):
     intent = leave(store.staging_folder, f"{dead_pid}-{key}{INTENT_SUFFIX}")
     with app.app_context():
         assert recover(store) == (0, 0)
-    assert os.path.exists(store.local_path(key))
+    assert os.path.exists(stored_path(app, key))
     assert not os.path.exists(intent)
 
 
@@ -68,7 +69,7 @@ def test_a_file_whose_row_was_deleted_is_removed(app, alice, upload, dead_pid):
     Image.delete().execute()
     with app.app_context():
         assert recover(store) == (0, 1)
-    assert not os.path.exists(store.local_path(image.storage_key))
+    assert not os.path.exists(stored_path(app, image.storage_key))
 
 
 def test_live_workers_keep_their_files_and_dead_ones_lose_them(app, dead_pid):
@@ -90,7 +91,7 @@ def test_the_app_recovers_when_it_starts(app, dead_pid):
     from app import create_app
 
     store = app.extensions["storage"]
-    orphan = leave(store.root, "cafe.qcow2")
+    orphan = leave(store_folder(app), "cafe.qcow2")
     leave(store.staging_folder, f"{dead_pid}-cafe{INTENT_SUFFIX}")
     leave(store.staging_folder, f"{dead_pid}-x{TEMP_SUFFIX}")
     create_app(dict(app.config), instance_path=app.instance_path)

@@ -6,6 +6,7 @@ import os
 import subprocess
 
 import pytest
+from conftest import store_folder
 
 from models import Image
 
@@ -16,7 +17,7 @@ READ_ONLY = {"message": "Image store unavailable: the image store (file storage)
 
 @pytest.fixture
 def store_root(app):
-    return app.extensions["storage"].root
+    return store_folder(app)
 
 
 @contextlib.contextmanager

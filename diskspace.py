@@ -11,7 +11,7 @@ from peewee import SqliteDatabase
 
 from errors import ApiError
 from models import db
-from storage import free_bytes
+from staging import free_bytes
 
 
 def database_folder():
@@ -33,7 +33,7 @@ def parts_short_of_space(storage, reserve, incoming=0):
     short = []
     folder = database_folder()
     if folder is not None:
-        landing_here = incoming if _same_disk(folder, storage.temp_folder) else 0
+        landing_here = incoming if _same_disk(folder, storage.staging_folder) else 0
         if free_bytes(folder) < reserve + landing_here:
             short.append("database")
     if store_free < reserve + incoming:

@@ -236,13 +236,13 @@ def create_image(plan, storage, staged, size, sha256, info):
     except BaseException:
         _remove_file(storage, key)
         raise
-    storage.settle(key)
+    storage.intents.settle(key)
     return find_image(image.id)
 
 
 def _remove_file(storage, key):
     storage.delete(key)
-    storage.settle(key)
+    storage.intents.settle(key)
 
 
 def delete_image(image, storage):
@@ -253,12 +253,12 @@ def delete_image(image, storage):
     the intent, and the file is removed by the next recover() or `flask sweep`, not an
     error for the client.
     """
-    storage.intend(image.storage_key)
+    storage.intents.intend(image.storage_key)
     try:
         with write_transaction():
             Image.delete().where(Image.id == image.id).execute()
     except BaseException:
-        storage.settle(image.storage_key)  # the row is still there, and so is the file
+        storage.intents.settle(image.storage_key)  # the row is still there, and so is the file
         raise
     try:
         _remove_file(storage, image.storage_key)
@@ -271,7 +271,7 @@ def recover(storage):
     removed. A key with an unsettled intent keeps its file only if its row exists."""
     temporary = storage.sweep()
     orphans = 0
-    for key, pid in storage.unsettled():
+    for key, pid in storage.intents.unsettled():
         if not Image.select().where(Image.storage_key == key).exists():
             try:
                 storage.delete(key)
@@ -279,7 +279,7 @@ def recover(storage):
                 log.warning("could not remove orphan %s yet: %s", key, error)
                 continue
             orphans += 1
-        storage.settle(key, pid)
+        storage.intents.settle(key, pid)
     return temporary, orphans
 
 
@@ -293,7 +293,7 @@ def orphan_keys(storage, older_than):
     a live upload's intent was removed whenever it was older than `older_than`.
     """
     listed = storage.keys(older_than=older_than)
-    pending = storage.intended_keys()
+    pending = storage.intents.intended_keys()
     known = {key for (key,) in Image.select(Image.storage_key).tuples()}
     return [key for key in listed if key not in pending and key not in known]
 

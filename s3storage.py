@@ -14,7 +14,8 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from storage import OBJECT_SUFFIX, MiB, StorageUnavailable, TempFolder, sweep_temp_folder
+from staging import IntentJournal, StagingArea
+from storage import OBJECT_SUFFIX, MiB, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +82,19 @@ class S3Reader:
             self._body = None
 
 
-class S3Storage(TempFolder):
+class S3Storage:
     """Image files as objects in an S3-compatible bucket, under a prefix.
 
     Uploads are staged in a local folder (they are inspected there), then go up
     by boto3's managed transfer, in parts when large. Downloads are presigned
     URLs when redirect_downloads is on, else streamed through this app.
     """
+
+    # How errors and /healthz name the local folder and disk that uploads are staged on.
+    FOLDER_NAME = "the upload staging folder"
+    DISK_NAME = "staging"
+    # How long a presigned download URL may be used (seconds).
+    DOWNLOAD_URL_LIFETIME = 600
 
     # A failed or killed upload leaves parts that cost storage; sweep() aborts
     # those older than this, which no live upload can be.
@@ -98,15 +105,28 @@ class S3Storage(TempFolder):
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.redirect_downloads = redirect_downloads
-        self.temp_folder = os.path.abspath(
-            staging_dir or os.path.join(tempfile.gettempdir(), "imagestore-staging"))
-        os.makedirs(self.temp_folder, mode=0o700, exist_ok=True)
+        self._staging = StagingArea(
+            staging_dir or os.path.join(tempfile.gettempdir(), "imagestore-staging"),
+            self.FOLDER_NAME)
+        self.intents = IntentJournal(self._staging.folder, self.FOLDER_NAME)
+        self.staging_folder = self._staging.folder
         self.client = client or s3_client()
         # Parts of part_size, `concurrency` at a time; s3transfer raises the part
         # size by itself when a file would need more than S3's 10,000 parts.
         self.transfer = TransferConfig(multipart_threshold=part_size,
                                        multipart_chunksize=part_size,
                                        max_concurrency=concurrency)
+
+    @classmethod
+    def from_url(cls, url, staging_dir=None, redirect_downloads=True, **options):
+        """The store for s3://bucket/prefix, staging in staging_dir (else a temporary one)."""
+        if not url.netloc:
+            raise ValueError("STORAGE_URL s3:// needs a bucket: s3://bucket/prefix")
+        return cls(url.netloc, url.path, staging_dir, redirect_downloads)
+
+    def staging(self):
+        """A staged file for an upload, removed at the block's end unless put() took it."""
+        return self._staging.staging()
 
     def object_name(self, key):
         """The object's name in the bucket."""
@@ -120,14 +140,14 @@ class S3Storage(TempFolder):
         The key is left with an intent, as LocalStorage.put leaves it.
         """
         key = secrets.token_hex(16)
-        self.intend(key)
+        self.intents.intend(key)
         staged.file.close()
         try:
             self.client.upload_file(staged.path, self.bucket, self.object_name(key),
                                     ExtraArgs={"ContentType": "application/x-qemu-disk"},
                                     Config=self.transfer)
         except BOTO_ERRORS as error:
-            self.settle(key)
+            self.intents.settle(key)
             raise StorageUnavailable(f"uploading to S3 failed: {error}") from error
         finally:
             staged.discard()
@@ -149,7 +169,7 @@ class S3Storage(TempFolder):
         """A readable, seekable-once stream of the stored object."""
         return S3Reader(self, key)
 
-    def download_url(self, key, filename, mimetype, expires=600):
+    def download_url(self, key, filename, mimetype):
         """A presigned GET URL that answers with these download headers; None when
         downloads are to be streamed through this app instead."""
         if not self.redirect_downloads:
@@ -158,7 +178,7 @@ class S3Storage(TempFolder):
                   "ResponseContentType": mimetype,
                   "ResponseContentDisposition": f'attachment; filename="{filename}"'}
         return self.client.generate_presigned_url("get_object", Params=params,
-                                                  ExpiresIn=expires)
+                                                  ExpiresIn=self.DOWNLOAD_URL_LIFETIME)
 
     def delete(self, key):
         """Remove a stored object; one already gone is no error (S3 says so too)."""
@@ -187,7 +207,7 @@ class S3Storage(TempFolder):
         The remote part is best effort: a store that is down must not keep the
         app from starting (/healthz reports it).
         """
-        removed = sweep_temp_folder(self.temp_folder)
+        removed = self._staging.sweep()
         try:
             self._abort_stale_uploads()
         except BOTO_ERRORS as error:
@@ -206,8 +226,13 @@ class S3Storage(TempFolder):
 
     def check_writable(self):
         """Raise OSError when uploads cannot be staged or the bucket cannot be reached."""
-        self.check_temp_writable()
+        self._staging.check_writable()
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except BOTO_ERRORS as error:
             raise StorageUnavailable(f"S3 bucket {self.bucket!r} unreachable: {error}") from error
+
+    def free_space(self):
+        """Bytes free on the disk that uploads are staged on (the bucket has no limit to ask)."""
+        return self._staging.free_space()
+

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from app import create_app  # noqa: E402
 from auth import issue_token, parse_scopes  # noqa: E402
+from localstore import LocalStorage  # noqa: E402
 from models import MODELS, User, create_tables, db, open_database  # noqa: E402
 
 ALL_SCOPES = "image:read,write,delete"
@@ -341,10 +342,32 @@ def files_under(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
+def local_store(app):
+    """The app's store, which must be the local one (file://).
+
+    The one place where tests know how LocalStorage lays out its folder: a test that plants,
+    removes or lists files by hand asks store_folder() or stored_path(), not the backend.
+    Staged files and intents are in storage.staging_folder, which every backend has.
+    """
+    store = app.extensions["storage"]
+    assert isinstance(store, LocalStorage), "this test needs a file:// store"
+    return store
+
+
+def store_folder(app):
+    """The local store's folder: stored files, and its staging folder inside it."""
+    return local_store(app).root
+
+
+def stored_path(app, key):
+    """The local file that holds key's image."""
+    return local_store(app).local_path(key)
+
+
 @pytest.fixture
 def store_files(app):
     """A function listing every file in the store, its temporary folder included."""
-    root = app.extensions["storage"].root
+    root = store_folder(app)
     return lambda: files_under(root)
 
 

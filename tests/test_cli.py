@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, store_folder
 
 from auth import hash_token
 from models import Collaborator, Namespace, Token, User
@@ -89,10 +89,10 @@ def test_sweep_removes_orphans_and_dead_temp_files(app, runner, alice, upload, s
     import os
     storage = app.extensions["storage"]
     kept = upload(alice).json
-    orphan = os.path.join(storage.root, "deadbeef.qcow2")
+    orphan = os.path.join(store_folder(app), "deadbeef.qcow2")
     open(orphan, "wb").close()
     # A temporary file of a process that no longer exists (pid far above pid_max).
-    dead_temp = os.path.join(storage.temp_folder, "999999999-abc.part")
+    dead_temp = os.path.join(storage.staging_folder, "999999999-abc.part")
     open(dead_temp, "wb").close()
     result = runner.invoke(args=["sweep", "--min-age", "0"])
     assert result.exit_code == 0

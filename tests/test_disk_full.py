@@ -20,7 +20,7 @@ from peewee import OperationalError
 from app import create_app
 from auth import issue_token, parse_scopes
 from models import Image, User, db, keep_wal
-from storage import free_bytes
+from staging import free_bytes
 
 
 @pytest.mark.parametrize("error", [
@@ -101,7 +101,7 @@ class FullDiskApp:
                                 data=data)
 
     def staged_files(self):
-        return os.listdir(self.app.extensions["storage"].temp_folder)
+        return os.listdir(self.app.extensions["storage"].staging_folder)
 
 
 def build_app(database_disk, storage_disk):

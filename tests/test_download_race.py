@@ -2,6 +2,8 @@
 
 import os
 
+from conftest import stored_path
+
 DISK = {"Accept": "application/octet-stream"}
 
 
@@ -11,7 +13,7 @@ def test_a_file_deleted_after_its_row_was_read_is_not_found(app, client, alice, 
     image = upload(alice).json
     store = app.extensions["storage"]
     (key,) = store.keys()
-    os.unlink(store.local_path(key))
+    os.unlink(stored_path(app, key))
     response = client.get(f"/images/{image['id']}", headers={**alice.headers, **DISK})
     assert response.status_code == 404
     assert response.json == {"message": "Not Found"}

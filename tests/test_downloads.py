@@ -5,6 +5,7 @@ import os
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from conftest import stored_path
 from werkzeug.http import http_date
 
 from models import Image
@@ -293,7 +294,7 @@ def test_download_needs_a_token(client, image):
 
 
 def test_download_of_a_file_gone_from_the_store_is_not_found(app, fetch, image):
-    os.unlink(app.extensions["storage"].local_path(Image.get_by_id(image["id"]).storage_key))
+    os.unlink(stored_path(app, Image.get_by_id(image["id"]).storage_key))
     response, _ = fetch()
     assert response.status_code == 404
     assert response.json == {"message": "Not Found"}

@@ -49,7 +49,7 @@ def test_healthz_needs_no_token(client):
 def test_healthz_reports_unwritable_store(app, client):
     import os
     import stat
-    folder = app.extensions["storage"].temp_folder
+    folder = app.extensions["storage"].staging_folder
     os.chmod(folder, stat.S_IRUSR | stat.S_IXUSR)
     try:
         if os.access(folder, os.W_OK):  # root ignores modes: take the folder away instead

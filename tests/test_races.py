@@ -55,7 +55,7 @@ def race_app(request, make_app):
 def stored_files(app):
     """Every stored image file, and every staged one, wherever the store keeps them."""
     store = app.extensions["storage"]
-    return store.keys(), os.listdir(store.temp_folder)
+    return store.keys(), os.listdir(store.staging_folder)
 
 
 def race(app, account, data, uploads):

@@ -7,11 +7,11 @@ import sys
 import threading
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, store_folder, stored_path
 
 from images import orphan_keys, recover
 from models import Image
-from storage import INTENT_SUFFIX, TEMP_SUFFIX
+from staging import INTENT_SUFFIX, TEMP_SUFFIX
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def test_uploads_and_deletes_leave_no_intent(client, alice, upload, store_files)
 def test_a_file_whose_row_never_came_is_removed(app, dead_pid):
     """A worker killed between moving the file in and committing its row."""
     store = app.extensions["storage"]
-    orphan = leave(store.root, "deadbeef.qcow2", b"QFI\xfb")
-    intent = leave(store.temp_folder, f"{dead_pid}-deadbeef{INTENT_SUFFIX}")
+    orphan = leave(store_folder(app), "deadbeef.qcow2", b"QFI\xfb")
+    intent = leave(store.staging_folder, f"{dead_pid}-deadbeef{INTENT_SUFFIX}")
     with app.app_context():
         assert recover(store) == (0, 1)
     assert not os.path.exists(orphan)
@@ -54,10 +54,10 @@ def test_a_file_whose_row_was_committed_is_kept(app, alice, upload, dead_pid):
     upload(alice, name="kept")
     store = app.extensions["storage"]
     key = Image.get().storage_key
-    intent = leave(store.temp_folder, f"{dead_pid}-{key}{INTENT_SUFFIX}")
+    intent = leave(store.staging_folder, f"{dead_pid}-{key}{INTENT_SUFFIX}")
     with app.app_context():
         assert recover(store) == (0, 0)
-    assert os.path.exists(store.local_path(key))
+    assert os.path.exists(stored_path(app, key))
     assert not os.path.exists(intent)
 
 
@@ -66,21 +66,21 @@ def test_a_file_whose_row_was_deleted_is_removed(app, alice, upload, dead_pid):
     upload(alice, name="gone")
     store = app.extensions["storage"]
     image = Image.get()
-    leave(store.temp_folder, f"{dead_pid}-{image.storage_key}{INTENT_SUFFIX}")
+    leave(store.staging_folder, f"{dead_pid}-{image.storage_key}{INTENT_SUFFIX}")
     Image.delete().execute()
     with app.app_context():
         assert recover(store) == (0, 1)
-    assert not os.path.exists(store.local_path(image.storage_key))
+    assert not os.path.exists(stored_path(app, image.storage_key))
 
 
 def test_live_workers_keep_their_files_and_dead_ones_lose_them(app, dead_pid):
     store = app.extensions["storage"]
     live = os.getppid()  # a process that surely runs, and is not this one
-    kept = [leave(store.temp_folder, f"{live}-a{TEMP_SUFFIX}"),
-            leave(store.temp_folder, f"{live}-b{INTENT_SUFFIX}")]
-    swept = [leave(store.temp_folder, f"{dead_pid}-c{TEMP_SUFFIX}"),
-             leave(store.temp_folder, f"{os.getpid()}-d{TEMP_SUFFIX}"),  # an earlier self
-             leave(store.temp_folder, "stray-file")]
+    kept = [leave(store.staging_folder, f"{live}-a{TEMP_SUFFIX}"),
+            leave(store.staging_folder, f"{live}-b{INTENT_SUFFIX}")]
+    swept = [leave(store.staging_folder, f"{dead_pid}-c{TEMP_SUFFIX}"),
+             leave(store.staging_folder, f"{os.getpid()}-d{TEMP_SUFFIX}"),  # an earlier self
+             leave(store.staging_folder, "stray-file")]
     with app.app_context():
         assert recover(store) == (3, 0)
     assert all(os.path.exists(p) for p in kept)
@@ -92,11 +92,11 @@ def test_the_app_recovers_when_it_starts(app, dead_pid):
     from app import create_app
 
     store = app.extensions["storage"]
-    orphan = leave(store.root, "cafe.qcow2")
-    leave(store.temp_folder, f"{dead_pid}-cafe{INTENT_SUFFIX}")
-    leave(store.temp_folder, f"{dead_pid}-x{TEMP_SUFFIX}")
+    orphan = leave(store_folder(app), "cafe.qcow2")
+    leave(store.staging_folder, f"{dead_pid}-cafe{INTENT_SUFFIX}")
+    leave(store.staging_folder, f"{dead_pid}-x{TEMP_SUFFIX}")
     create_app(dict(app.config), instance_path=app.instance_path)
-    assert os.listdir(store.temp_folder) == []
+    assert os.listdir(store.staging_folder) == []
     assert not os.path.exists(orphan)
 
 
@@ -160,16 +160,17 @@ def test_a_row_committed_while_the_sweep_lists_keeps_its_file(
     """The upload commits while the sweep is between its listings: its file is no orphan."""
     store = app.extensions["storage"]
     held = HeldUpload(monkeypatch, store, upload, alice)
-    real_listing = getattr(store, commit_during)
+    lister = store.intents if commit_during == "intended_keys" else store
+    real_listing = getattr(lister, commit_during)
 
     def listing_then_commit(*args, **kwargs):
         found = real_listing(*args, **kwargs)
         assert held.finish().status_code == 201
         return found
 
-    monkeypatch.setattr(store, commit_during, listing_then_commit)
+    monkeypatch.setattr(lister, commit_during, listing_then_commit)
     try:
         assert orphan_keys(store, older_than=0) == []
     finally:
         held.finish()
-    assert os.path.exists(store.local_path(Image.get().storage_key))
+    assert os.path.exists(stored_path(app, Image.get().storage_key))

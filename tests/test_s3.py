@@ -43,7 +43,7 @@ def test_upload_goes_to_the_bucket_and_nothing_stays_local(app, store, s3_bucket
     assert created.status_code == 201, created.json
     key = Image.get_by_id(created.json["id"]).storage_key
     assert s3_bucket.objects() == {f"images/{key}.qcow2": len(qcow2_bytes)}
-    assert os.listdir(store.temp_folder) == []
+    assert os.listdir(store.staging_folder) == []
     assert created.json["sha256"] == hashlib.sha256(qcow2_bytes).hexdigest()
 
 
@@ -139,7 +139,7 @@ def test_refused_upload_leaves_no_object_no_row_no_staged_file(store, s3_bucket,
     assert "file" in refused.json
     assert s3_bucket.objects() == {}
     assert Image.select().count() == 0
-    assert os.listdir(store.temp_folder) == []
+    assert os.listdir(store.staging_folder) == []
 
 
 def test_failed_put_leaves_no_row(make_app, s3_bucket, alice, qcow2_bytes):
@@ -149,7 +149,7 @@ def test_failed_put_leaves_no_row(make_app, s3_bucket, alice, qcow2_bytes):
     assert failed.status_code == 503
     assert failed.json == {"message": "Image store unavailable, try again later"}
     assert Image.select().count() == 0
-    assert os.listdir(app.extensions["storage"].temp_folder) == []
+    assert os.listdir(app.extensions["storage"].staging_folder) == []
     assert client.get("/healthz").status_code == 503
 
 
@@ -194,9 +194,9 @@ def test_large_file_goes_up_in_parts(s3_bucket, tmp_path):
     assert head["ContentLength"] == len(data)
     assert s3_bucket.unfinished_uploads() == []
     # Only put's intent is left, for the caller to settle once the row is committed.
-    assert os.listdir(store.temp_folder) == [f"{os.getpid()}-{key}.intent"]
-    store.settle(key)
-    assert os.listdir(store.temp_folder) == []
+    assert os.listdir(store.staging_folder) == [f"{os.getpid()}-{key}.intent"]
+    store.intents.settle(key)
+    assert os.listdir(store.staging_folder) == []
     assert store.keys() == [key]
     reader = store.open(key)
     reader.seek(6 * MiB)
@@ -223,7 +223,7 @@ def test_unreachable_store_is_storage_unavailable(s3_bucket, tmp_path):
         store.check_writable()
     with store.staging() as staged, pytest.raises(StorageUnavailable):
         store.put(staged)
-    assert os.listdir(store.temp_folder) == []
+    assert os.listdir(store.staging_folder) == []
 
 
 def test_gunicorn_streams_ranges_through(s3_bucket, tmp_path, qcow2_bytes):

@@ -6,6 +6,7 @@ import os
 import subprocess
 
 import pytest
+from conftest import store_folder
 
 from models import Image
 
@@ -16,7 +17,7 @@ READ_ONLY = {"message": "Image store unavailable: the image store (file storage)
 
 @pytest.fixture
 def store_root(app):
-    return app.extensions["storage"].root
+    return store_folder(app)
 
 
 @contextlib.contextmanager
@@ -90,7 +91,7 @@ def test_an_upload_to_a_read_only_store_is_503_and_leaves_nothing(app, client, a
     assert_unavailable(response, READ_ONLY, store_root)
     assert (health.status_code, health.json) == (503, {"status": "storage not writable"})
     assert Image.select().count() == 0
-    assert os.listdir(app.extensions["storage"].temp_folder) == []
+    assert os.listdir(app.extensions["storage"].staging_folder) == []
 
 
 def test_a_delete_in_a_read_only_store_is_503_and_keeps_the_image(client, alice, upload,

@@ -81,7 +81,7 @@ def create_image():
         stream, length = body_stream(request)
         size, sha256 = receive_body(stream, staged.file, max_size, length, watch)
         try:
-            info = inspect_qcow2(staged.path, config["MAX_VIRTUAL_SIZE"])
+            info = inspect_qcow2(staged.path, config["MAX_VIRTUAL_SIZE"], config["QEMU_IMG_SLOTS"])
         except ImageRefused as refusal:
             raise ValidationError("file", refusal_message(refusal)) from None
         image = images.create_image(plan, storage(), staged, size, sha256, info)

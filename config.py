@@ -20,6 +20,14 @@ def _flag(value):
     return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
+def _positive(value, name):
+    """A whole number of at least 1, or a ValueError naming the setting."""
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"{name} must be at least 1, not {value!r}")
+    return number
+
+
 def _secret_key(instance_path):
     """Make a secret once and keep it in the instance folder, so links survive restarts."""
     path = os.path.join(instance_path, "secret_key")
@@ -62,4 +70,9 @@ def load_config(instance_path, environ=None):
         # Free space that uploads must leave on the store's and the database's disks, so
         # that deletes (which write to the database first) still find room when it is full.
         "MIN_FREE_SPACE": parse_size(env.get("MIN_FREE_SPACE", "64M")),
+        # How many qemu-img checks may run at once (one per CPU unless set), and the folder of
+        # the lock files that count them, shared by every worker and server of this instance.
+        "QEMU_IMG_SLOTS": (os.path.join(instance_path, "qemu-img-slots"),
+                           _positive(env.get("QEMU_IMG_SLOTS") or os.cpu_count() or 1,
+                                     "QEMU_IMG_SLOTS")),
     }

@@ -8,14 +8,21 @@ anything but the file itself. docs/security.md says which attack each rule stops
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
+import functools
 import json
 import os
 import re
 import resource
 import shutil
+import signal
 import struct
 import subprocess
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 # 7.2 is the oldest release series with the CVE-2024-4467 fix (in 7.2.13, and in 9.1): since
@@ -27,10 +34,20 @@ MIN_QEMU_IMG_VERSION = (7, 2)
 QEMU_IMG = "qemu-img"
 HEADER_READ_SIZE = 64 * 1024  # header and extensions; qemu writes them well inside this
 HARD_MAX_VIRTUAL_SIZE = 1 << 50  # 1 PiB: no configuration may let a larger disk through
-TIMEOUT_SECONDS = 60
-CPU_SECONDS = 30
+TIMEOUT_SECONDS = 60  # wall clock, at least; a larger CPU budget gets more (WALL_PER_CPU_SECOND)
+# CPU budget of each qemu-img run: a base for every file plus so much per whole GiB of it.
+# An honest image needs far less (docs/security.md, measured); a small file whose metadata
+# points at the same tables again and again needs without end, and is refused at its budget.
+CPU_BASE_SECONDS = 2
+CPU_SECONDS_PER_GIB = 3
+WALL_PER_CPU_SECOND = 4  # a busy machine gives a run a share of a core, not all of it
+GIB = 1 << 30
+SLOT_POLL_SECONDS = 0.05  # how often the first upload waiting for a check slot looks for one
 MEMORY_BYTES = 1 << 30
 OUTPUT_BYTES = 4 << 20  # JSON from info/check; a normal image needs a few KiB
+# prctl(PR_SET_PDEATHSIG) from the C library: Linux's way to have a child die with its parent.
+_PRCTL = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+_PR_SET_PDEATHSIG = 1
 # A fixed environment: no proxy variables, no QEMU_* module paths, messages in plain C.
 _ENV = {"LC_ALL": "C", "PATH": "/usr/local/bin:/usr/bin:/bin"}
 
@@ -78,6 +95,20 @@ class ImageInfo:
     virtual_size: int  # bytes, from the header and agreed by qemu-img info
     version: int  # 2 or 3
     cluster_size: int
+
+
+@dataclass(frozen=True)
+class CheckBudget:
+    """What each qemu-img run on one file may spend."""
+
+    cpu_seconds: int  # user + system, enforced by RLIMIT_CPU
+    wall_seconds: float  # from the start of the run; waiting for a slot does not count
+
+
+def check_budget(file_size: int) -> CheckBudget:
+    """The budget of qemu-img on a file of file_size bytes: it grows with the file."""
+    cpu = CPU_BASE_SECONDS + CPU_SECONDS_PER_GIB * file_size // GIB
+    return CheckBudget(cpu, max(TIMEOUT_SECONDS, WALL_PER_CPU_SECOND * cpu))
 
 
 @dataclass(frozen=True)
@@ -255,13 +286,23 @@ def _check_table(name: str, offset: int, length: int, cluster: int, file_size: i
         raise _refuse(f"invalid {name} (misaligned or past the end of the file); {_REMAKE}")
 
 
-def _limit_resources() -> None:
+def _limit_resources(cpu_seconds: int, parent: int) -> None:
     """Cap qemu-img's CPU time, memory and output (CVE-2015-5162); runs just before exec."""
-    for kind, wanted in ((resource.RLIMIT_CPU, CPU_SECONDS), (resource.RLIMIT_AS, MEMORY_BYTES),
-                         (resource.RLIMIT_FSIZE, OUTPUT_BYTES), (resource.RLIMIT_CORE, 0)):
+    # The soft CPU limit sends SIGXCPU, which tells a spent budget from other deaths; the
+    # hard one, a second later, SIGKILLs a qemu-img that ignored it.
+    for kind, soft, wanted in ((resource.RLIMIT_CPU, cpu_seconds, cpu_seconds + 1),
+                               (resource.RLIMIT_AS, MEMORY_BYTES, MEMORY_BYTES),
+                               (resource.RLIMIT_FSIZE, OUTPUT_BYTES, OUTPUT_BYTES),
+                               (resource.RLIMIT_CORE, 0, 0)):
         hard = resource.getrlimit(kind)[1]  # never ask for more than we are allowed
         limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(kind, (limit, limit))
+        resource.setrlimit(kind, (min(soft, limit), limit))
+    # Die with the worker: a killed worker's slot is free at once, so its qemu-img must not
+    # run on outside the bound.
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the worker died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _dotted(version: tuple[int, ...]) -> str:
@@ -278,27 +319,40 @@ def _qemu_img_path() -> str:
     return path
 
 
-def _run_qemu_img(*args: str) -> subprocess.CompletedProcess[bytes]:
+def _run_qemu_img(*args: str, budget: CheckBudget | None = None
+                  ) -> subprocess.CompletedProcess[bytes]:
     """Run qemu-img without a shell, under limits and a timeout; refuse when it is stopped."""
+    budget = budget or check_budget(0)
     # stdout goes to a file so that RLIMIT_FSIZE bounds what we read back into memory;
     # stderr (one line per bad cluster, unbounded) is never read, so never shown to users.
-    # preexec_fn is safe enough in a threaded server here: it only calls get/setrlimit, which
-    # take no locks between fork and exec.
+    # preexec_fn is safe enough in a threaded server here: it only calls get/setrlimit and
+    # prctl, which take no locks between fork and exec.
+    limits = functools.partial(_limit_resources, budget.cpu_seconds, os.getpid())
     with tempfile.TemporaryFile() as out:
         try:
             done = subprocess.run(
                 [_qemu_img_path(), *args], stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.DEVNULL, env=_ENV, timeout=TIMEOUT_SECONDS,
-                preexec_fn=_limit_resources, check=False)
+                stderr=subprocess.DEVNULL, env=_ENV, timeout=budget.wall_seconds,
+                preexec_fn=limits, check=False)
         except subprocess.TimeoutExpired:
-            raise _refuse(f"qemu-img took longer than {TIMEOUT_SECONDS} s to read it; "
+            raise _refuse(f"qemu-img took longer than {budget.wall_seconds:g} s to read it; "
                           f"{_CONVERT} to rebuild its metadata") from None
-        if done.returncode < 0:  # killed by a signal: a CPU, memory or output limit
+        if done.returncode == -signal.SIGXCPU:
+            raise _over_budget(budget)
+        if done.returncode < 0:  # killed by a signal: a memory or output limit
             raise _refuse(f"qemu-img ran out of its CPU, memory or output allowance reading it; "
                           f"{_CONVERT}")
         out.seek(0)
         done.stdout = out.read(OUTPUT_BYTES)
     return done
+
+
+def _over_budget(budget: CheckBudget) -> ImageRefused:
+    """Refusal for an image whose metadata costs more CPU than a file of its size may."""
+    return _refuse(
+        f"checking it needs more CPU time than the {budget.cpu_seconds} s allowed for a file of "
+        f"its size ({CPU_BASE_SECONDS} s plus {CPU_SECONDS_PER_GIB} s per GiB): its metadata "
+        f"makes far more work than its size accounts for; {_CONVERT} to rebuild it")
 
 
 def _image_spec(path: str) -> str:
@@ -346,19 +400,86 @@ def _check_consistency(done: subprocess.CompletedProcess[bytes]) -> None:
         raise _refuse(f"qemu-img check could not finish checking it; {_REMAKE}")
 
 
-def inspect_qcow2(path: str, max_virtual_size: int) -> ImageInfo:
-    """Vet the file at path: header, then qemu-img info and check; ImageRefused if unsafe."""
+def _open_lock(folder: str, name: str) -> int:
+    """A file descriptor of its own on one lock file in folder (made if missing)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(os.path.join(folder, name), flags, 0o600)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the flock on fd if nobody holds it; never wait."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _unlock_and_close(fd: int) -> None:
+    """Drop fd's lock (if it holds one) and close it.
+
+    The unlock matters: a child forked by another thread holds a copy of fd until it execs,
+    and closing alone would leave the lock held for that long.
+    """
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def _wait_for_slot(folder: str, fds: list[int]) -> int:
+    """Lock one of fds, waiting while all are held; return its index.
+
+    flock cannot wait for "any of these", so waiters queue on one more lock, the gate, and
+    only the first in line looks at the slots, every SLOT_POLL_SECONDS.
+    """
+    gate = _open_lock(folder, "queue")
+    try:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        while True:
+            for index, fd in enumerate(fds):
+                if _try_lock(fd):
+                    return index
+            time.sleep(SLOT_POLL_SECONDS)
+    finally:
+        _unlock_and_close(gate)
+
+
+@contextlib.contextmanager
+def check_slot(folder: str, slots: int) -> Iterator[int]:
+    """Hold one of `slots` lock files in folder for the block; yield its index.
+
+    flock locks belong to an open file, so they exclude the threads of one worker, the
+    workers of one server and the servers of one machine alike, and the kernel drops them
+    when their holder exits or is killed.
+    """
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fds = [_open_lock(folder, f"slot-{index}") for index in range(slots)]
+    try:
+        yield _wait_for_slot(folder, fds)
+    finally:
+        for fd in fds:
+            _unlock_and_close(fd)
+
+
+def inspect_qcow2(path: str, max_virtual_size: int,
+                  slots: tuple[str, int] | None = None) -> ImageInfo:
+    """Vet the file at path: header, then qemu-img info and check; ImageRefused if unsafe.
+
+    qemu-img runs under a budget that grows with the file's size, and, given slots (a
+    folder and a count), in one of that many check slots, waiting while all are taken.
+    """
     with open(path, "rb") as file:
         file_size = os.fstat(file.fileno()).st_size
         data = file.read(HEADER_READ_SIZE)
     header = read_qcow2_header(data, file_size, max_virtual_size)
-    spec = _image_spec(path)
-    # info first: it reports a backing or data file without opening it; check would open them.
-    done = _run_qemu_img("info", "-f", "qcow2", "--output=json", spec)
-    if done.returncode != 0:
-        raise _refuse(f"qemu-img cannot open it (see `qemu-img info in.qcow2`); {_REMAKE}")
-    _check_info(_json_report(done), header)
-    _check_consistency(_run_qemu_img("check", "-f", "qcow2", "--output=json", spec))
+    spec, budget = _image_spec(path), check_budget(file_size)
+    with check_slot(*slots) if slots else contextlib.nullcontext():
+        # info first: it reports a backing or data file without opening it; check would.
+        done = _run_qemu_img("info", "-f", "qcow2", "--output=json", spec, budget=budget)
+        if done.returncode != 0:
+            raise _refuse(f"qemu-img cannot open it (see `qemu-img info in.qcow2`); {_REMAKE}")
+        _check_info(_json_report(done), header)
+        _check_consistency(
+            _run_qemu_img("check", "-f", "qcow2", "--output=json", spec, budget=budget))
     return ImageInfo(header.virtual_size, header.version, header.cluster_size)
 
 

@@ -290,6 +290,28 @@ def patched(directory: Path, offset: int, value: int, width: int = 8,
     return (patch_u64 if width == 8 else patch_u32)(path, offset, value)
 
 
+def costly_check(directory: Path, l1_entries: int = 1000, name: str = "costly.qcow2") -> Path:
+    """A small file that costs `qemu-img check` CPU without end (a crafted worst case).
+
+    check reads the L2 table behind every L1 entry and counts a reference for every entry
+    of it. Here every one of l1_entries L1 entries names the same L2 table, whose 8192
+    entries all name the same data cluster: each 8 bytes of L1 buy 8192 references, and
+    past 65535 references to one cluster every further one is a refcount overflow, which
+    check reports in a line of its own. The default file is 448 KiB and costs about 9 CPU
+    seconds (docs/security.md); check's time grows with l1_entries, up to QEMU's 4M.
+    """
+    cluster = 1 << 16
+    path = write_data(good_v3(directory, name), (0, cluster))
+    l2_offset = read_u64(path, read_u64(path, L1_OFFSET)) & ((1 << 56) - 1) & ~(cluster - 1)
+    data_entry = read_u64(path, l2_offset)
+    patch(path, l2_offset, struct.pack(">Q", data_entry) * (cluster // 8))
+    l1_offset = -(-path.stat().st_size // cluster) * cluster
+    patch(path, l1_offset, struct.pack(">Q", l2_offset) * l1_entries)
+    os.truncate(path, -(-path.stat().st_size // cluster) * cluster)
+    patch_u32(path, L1_SIZE, l1_entries)
+    return patch_u64(path, L1_OFFSET, l1_offset)
+
+
 # --- header extensions -------------------------------------------------------------------
 
 def extensions(path: Path) -> list[tuple[int, bytes]]:

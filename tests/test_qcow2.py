@@ -39,9 +39,9 @@ def qemu_img_calls(monkeypatch) -> list[tuple[str, ...]]:
     calls: list[tuple[str, ...]] = []
     real = qcow2._run_qemu_img
 
-    def recording(*args: str):
+    def recording(*args: str, **options):
         calls.append(args)
-        return real(*args)
+        return real(*args, **options)
 
     monkeypatch.setattr(qcow2, "_run_qemu_img", recording)
     return calls
@@ -347,7 +347,8 @@ def test_qemu_img_runs_with_limits_and_a_clean_environment(tmp_path, monkeypatch
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     fake_qemu_img(monkeypatch, tmp_path, "ulimit -t; ulimit -v; ulimit -c; ulimit -f; env")
     out = qcow2._run_qemu_img("info").stdout.decode()
-    assert out.split()[:4] == ["30", str(1 << 20), "0", str(qcow2.OUTPUT_BYTES // 512)]
+    cpu = str(qcow2.CPU_BASE_SECONDS)
+    assert out.split()[:4] == [cpu, str(1 << 20), "0", str(qcow2.OUTPUT_BYTES // 512)]
     assert "LC_ALL=C" in out and "proxy" not in out.lower()
 
 
@@ -362,14 +363,15 @@ def test_qemu_img_that_hangs_is_killed(tmp_path, monkeypatch):
     """A qemu-img that never finishes is killed at the timeout and the upload refused."""
     fake_qemu_img(monkeypatch, tmp_path, "exec sleep 30")
     monkeypatch.setattr(qcow2, "TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(qcow2, "WALL_PER_CPU_SECOND", 0.1)
     assert "qemu-img took longer than 0.5 s" in refusal(images.good_v3(tmp_path))
 
 
 def test_qemu_img_that_spins_hits_the_cpu_limit(tmp_path, monkeypatch):
     """A qemu-img that burns CPU is stopped by RLIMIT_CPU and the upload refused."""
     fake_qemu_img(monkeypatch, tmp_path, "while :; do :; done")
-    monkeypatch.setattr(qcow2, "CPU_SECONDS", 1)
-    assert "ran out of its CPU, memory or output allowance" in refusal(images.good_v3(tmp_path))
+    monkeypatch.setattr(qcow2, "CPU_BASE_SECONDS", 1)
+    assert "needs more CPU time than the 1 s allowed" in refusal(images.good_v3(tmp_path))
 
 
 def test_qemu_img_failing_to_open_is_refused(tmp_path, monkeypatch):

@@ -1,0 +1,234 @@
+"""What gunicorn itself does, against a real gunicorn from the Procfile: connections that
+send nothing or send their head slowly, proxy headers, and gunicorn's own error answers."""
+
+import json
+import socket
+import threading
+import urllib.request
+
+import pytest
+from conftest import start_server, stop_server
+
+# Guard against a hang only: nothing here waits for so long when the server is right.
+GUARD = 30
+HEAD_TIMEOUT = 2
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """gunicorn as the Procfile starts it, with a short head timeout to keep tests short."""
+    server = start_server(tmp_path_factory.mktemp("layer"),
+                          {"GUNICORN_HEAD_TIMEOUT": str(HEAD_TIMEOUT)})
+    server.headers = server.account("alice")
+    yield server
+    stop_server(server)
+
+
+def connect(server):
+    port = int(server.url.rsplit(":", 1)[1])
+    return socket.create_connection(("127.0.0.1", port), timeout=GUARD)
+
+
+def send(sock, data):
+    """Send data; an answer may come (and the server stop reading) before it is all sent."""
+    try:
+        sock.sendall(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+def read_answer(sock):
+    """(status, headers as a lower-cased dict, body) of one answer on sock."""
+    data = b""
+    while b"\r\n\r\n" not in data and (piece := sock.recv(65536)):
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    while len(body) < int(headers.get("content-length", 0)) and (piece := sock.recv(65536)):
+        body += piece
+    return int(lines[0].split()[1]), headers, body
+
+
+def read_until_closed(sock):
+    """Everything the server sends until it closes the connection (a reset counts)."""
+    data = b""
+    try:
+        while piece := sock.recv(65536):
+            data += piece
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def assert_json_error(status, headers, body, expected):
+    assert status == expected
+    assert headers["content-type"] == "application/json"
+    assert b"<" not in body
+    assert isinstance(json.loads(body)["message"], str)
+
+
+def call(server, method, path, data=None, headers=None):
+    """(status, headers, body) of a request through urllib."""
+    request = urllib.request.Request(server.url + path, data=data, method=method,
+                                     headers={**server.headers, **(headers or {})})
+    with urllib.request.urlopen(request, timeout=GUARD) as response:
+        return response.status, response.headers, response.read()
+
+
+def upload_and_download(server, name, image):
+    """Upload image, download it back: its JSON and the bytes that came back."""
+    status, _, body = call(server, "POST", f"/images?name={name}", image)
+    assert status == 201
+    created = json.loads(body)
+    status, _, data = call(server, "GET", f"/images/{created['id']}",
+                           headers={"Accept": "application/octet-stream"})
+    assert status == 200
+    return created, data
+
+
+class Trickle:
+    """Connections that send a request head one byte every half second, in a thread."""
+
+    def __init__(self, server, count):
+        self.socks = [connect(server) for _ in range(count)]
+        for sock in self.socks:
+            send(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        sending = list(self.socks)
+        while sending and not self.stopped.wait(0.5):
+            for sock in list(sending):
+                try:
+                    sock.send(b"a")
+                except OSError:
+                    sending.remove(sock)  # the server closed it
+
+    def stop(self):
+        self.stopped.set()
+        self.thread.join()
+        for sock in self.socks:
+            sock.close()
+
+
+def test_silent_and_slow_head_connections_do_not_stall_the_service(server, qcow2_bytes):
+    """300 connections that send nothing and 50 that send their head a byte at a time:
+    gunicorn used to give each a thread (the slow ones for as long as they liked) and a
+    connection slot, and /healthz waited behind them."""
+    silent = [connect(server) for _ in range(300)]
+    slow = Trickle(server, 50)
+    try:
+        assert call(server, "GET", "/healthz")[0] == 200
+        created, data = upload_and_download(server, "busy", qcow2_bytes)
+        assert data == qcow2_bytes
+        assert call(server, "GET", "/healthz")[0] == 200
+        # Then the server closes them all, after the head timeout.
+        for sock in silent:
+            assert read_until_closed(sock) == b""
+        for sock in slow.socks:
+            answer = read_until_closed(sock)
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 408 ")
+    finally:
+        slow.stop()
+        for sock in silent:
+            sock.close()
+
+
+def test_a_head_that_stops_halfway_gets_408_json(server):
+    with connect(server) as sock:
+        send(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        status, headers, body = read_answer(sock)
+        assert_json_error(status, headers, body, 408)
+        assert read_until_closed(sock) == b""
+
+
+def test_the_next_head_on_a_kept_alive_connection_has_a_deadline_too(server):
+    """The first request is answered; the second head, sent only in part, is cut off."""
+    with connect(server) as sock:
+        send(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answer(sock)[0] == 200
+        send(sock, b"GET /healthz HTTP/1.1\r\n")
+        assert read_answer(sock)[0] == 408
+
+
+def test_a_partial_head_read_ahead_behind_a_request_has_a_deadline_too(server):
+    """The second head comes in the same packet as the first request, unfinished."""
+    with connect(server) as sock:
+        send(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n")
+        assert read_answer(sock)[0] == 200
+        assert read_answer(sock)[0] == 408
+
+
+def test_heads_in_pieces_pipelined_and_kept_alive_are_served(server):
+    """Reading heads in the worker's main loop keeps what HTTP/1.1 allows working."""
+    with connect(server) as sock:
+        for piece in (b"GET /heal", b"thz HTTP/1.1\r\nHo", b"st: x\r\n", b"\r\n"):
+            send(sock, piece)
+        assert read_answer(sock)[0] == 200
+        send(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+        assert [read_answer(sock)[0] for _ in range(3)] == [200, 200, 200]
+        send(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert read_answer(sock)[0] == 200
+        assert read_until_closed(sock) == b""
+
+
+BIG_HEADER = b"X-Big: " + b"a" * 8000 + b"\r\n"
+
+
+@pytest.mark.parametrize(("request_bytes", "status"), [
+    pytest.param(b"POST /images HTTP/1.1\r\nHost: x\r\nContent-Length: 12ab\r\n\r\n", 400,
+                 id="bad-content-length"),
+    pytest.param(b"POST /images HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400,
+                 id="content-length-and-transfer-encoding"),
+    pytest.param(b"POST /images HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: zip\r\n\r\n", 501,
+                 id="unknown-transfer-coding"),
+    pytest.param(b"G\x01T / HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="bad-method"),
+    pytest.param(b"GET / HTTP/1.1\nHost: x\n\n", 400, id="bare-lf"),
+    pytest.param(b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414,
+                 id="request-line-too-long"),
+    pytest.param(b"GET /" + b"a" * 5000, 414, id="request-line-too-long-unfinished"),
+    pytest.param(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431,
+                 id="header-too-large"),
+    pytest.param(b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431,
+                 id="too-many-headers"),
+    pytest.param(b"GET / HTTP/1.1\r\n" + BIG_HEADER * 110, 431, id="head-too-large-unfinished"),
+])
+def test_gunicorn_errors_are_json(server, request_bytes, status):
+    """gunicorn answers what it cannot parse itself; it used to send an HTML page."""
+    with connect(server) as sock:
+        send(sock, request_bytes)
+        assert_json_error(*read_answer(sock), status)
+
+
+def test_proxy_headers_are_ignored_unless_turned_on(server, qcow2_bytes):
+    """gunicorn honoured X-Forwarded-Proto (and SCRIPT_NAME) from 127.0.0.1 whatever
+    TRUST_PROXY_HEADERS said."""
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Ssl": "on",
+                 "X-Forwarded-Host": "evil.example", "SCRIPT_NAME": "/evil"}
+    status, headers, body = call(server, "POST", "/images?name=plain", qcow2_bytes,
+                                 headers=forwarded)
+    assert status == 201
+    url = json.loads(body)["url"]
+    assert url.startswith(f"{server.url}/images/")
+    assert headers["Location"] == url
+    _, _, body = call(server, "GET", url.removeprefix(server.url), headers=forwarded)
+    assert json.loads(body)["url"] == url
+
+
+def test_proxy_headers_count_when_turned_on(tmp_path, qcow2_bytes):
+    proxied = start_server(tmp_path / "proxied", {"TRUST_PROXY_HEADERS": "1"})
+    try:
+        proxied.headers = proxied.account("alice")
+        forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "images.example.com"}
+        status, headers, body = call(proxied, "POST", "/images?name=behind", qcow2_bytes,
+                                     headers=forwarded)
+        assert status == 201
+        url = json.loads(body)["url"]
+        assert url.startswith("https://images.example.com/images/")
+        assert headers["Location"] == url
+    finally:
+        stop_server(proxied)

@@ -16,6 +16,9 @@ worker_class = "gunicorn_worker.ImagestoreWorker"
 # is closed, with a 408 if part of a head came. It waits for them without a thread.
 gunicorn_worker.ImagestoreWorker.head_timeout = float(
     os.environ.get("GUNICORN_HEAD_TIMEOUT", "10"))
+# The worker tells when a head is complete as gunicorn's Python parser reads it; the
+# optional C parser (gunicorn_h1c), if ever installed, is not what it was tested with.
+http_parser = "python"
 # Each upload or download holds a thread for its whole transfer, so a worker has many;
 # they wait on sockets, not on the CPU. 50 clients sending a few bytes a second hold 50
 # threads until BODY_READ_TIMEOUT (the app's) cuts them off.

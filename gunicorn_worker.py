@@ -34,6 +34,9 @@ from gunicorn.workers.gthread import ThreadWorker
 # One non-blocking read of a head: a head is far smaller; body bytes read with it are
 # handed to the parser with the head.
 HEAD_READ_SIZE = 65536
+# Bytes of unfinished heads a worker holds at most, all connections together: a head may
+# be ~800 KiB under gunicorn's default limits, and a worker may hold 1000 connections.
+HEAD_BYTES_BUDGET = 64 * 1024 * 1024
 # After an answer written from the main loop, how long what the client still sends is
 # read and dropped before the close: closing with unread bytes would send a reset, and
 # the client could lose the answer (gunicorn's close_graceful waits as long).
@@ -89,6 +92,7 @@ class ImagestoreWorker(ThreadWorker):
         self.head_limits = HeadLimits(self.cfg)
         self.waiting_heads = deque()  # in order of deadline: each gets the same timeout
         self.lingering = deque()  # answered, closing: in order of deadline too
+        self.head_bytes = 0  # held in the heads awaited
         self.in_threads = 0  # connections handed to the thread pool, not yet back
 
     def init_process(self):
@@ -124,6 +128,7 @@ class ImagestoreWorker(ThreadWorker):
         """Let the poller collect conn's head, without a thread, until the deadline."""
         conn.sock.setblocking(False)
         conn.head = bytearray(head)
+        self.head_bytes += len(head)
         conn.head_deadline = time.monotonic() + self.head_timeout
         self.waiting_heads.append(conn)
         self.poller.register(conn.sock, selectors.EVENT_READ,
@@ -141,18 +146,26 @@ class ImagestoreWorker(ThreadWorker):
             self.drop_waiting(conn)
             return
         conn.head += piece
+        self.head_bytes += len(piece)
         if self.head_limits.parser_can_decide(conn.head):
             self.stop_waiting(conn)
             conn.parser.unreader.unread(bytes(conn.head))
             self.to_thread(conn)
         elif len(conn.head) > self.head_limits.total:
             # The parser would refuse this too, but only after one more blocking read.
+            self.log.warning("Invalid request from %s: request head too large", conn.client)
             self.drop_waiting(conn, (431, "Request Header Fields Too Large",
                                      "Error parsing headers: 'max buffer headers'"))
+        elif self.head_bytes > HEAD_BYTES_BUDGET:
+            self.log.warning("Unfinished request heads over %d bytes: dropping one from %s",
+                             HEAD_BYTES_BUDGET, conn.client)
+            self.drop_waiting(conn, (503, "Service Unavailable",
+                                     "Too many unfinished request heads, try again later"))
 
     def stop_waiting(self, conn):
         """Take conn off the poller and the list of heads awaited."""
         self.waiting_heads.remove(conn)
+        self.head_bytes -= len(conn.head)
         with contextlib.suppress(OSError, KeyError, ValueError):
             self.poller.unregister(conn.sock)
 

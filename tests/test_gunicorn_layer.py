@@ -1,9 +1,11 @@
 """What gunicorn itself does, against a real gunicorn from the Procfile: connections that
 send nothing or send their head slowly, proxy headers, and gunicorn's own error answers."""
 
+import contextlib
 import json
 import socket
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -24,41 +26,52 @@ def server(tmp_path_factory):
     stop_server(server)
 
 
-def connect(server):
-    port = int(server.url.rsplit(":", 1)[1])
-    return socket.create_connection(("127.0.0.1", port), timeout=GUARD)
+class Conn:
+    """A raw connection to the server that reads its answers one at a time."""
 
+    def __init__(self, server):
+        port = int(server.url.rsplit(":", 1)[1])
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=GUARD)
+        self.received = b""  # read from the socket, not yet taken as an answer
 
-def send(sock, data):
-    """Send data; an answer may come (and the server stop reading) before it is all sent."""
-    try:
-        sock.sendall(data)
-    except (BrokenPipeError, ConnectionResetError):
-        pass
+    def __enter__(self):
+        return self
 
+    def __exit__(self, *exc):
+        self.sock.close()
 
-def read_answer(sock):
-    """(status, headers as a lower-cased dict, body) of one answer on sock."""
-    data = b""
-    while b"\r\n\r\n" not in data and (piece := sock.recv(65536)):
-        data += piece
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
-    while len(body) < int(headers.get("content-length", 0)) and (piece := sock.recv(65536)):
-        body += piece
-    return int(lines[0].split()[1]), headers, body
+    def send(self, data):
+        """Send data; an answer may come (and the server stop reading) before it is all
+        sent."""
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.sock.sendall(data)
 
+    def _receive(self):
+        piece = self.sock.recv(65536)
+        self.received += piece
+        return piece
 
-def read_until_closed(sock):
-    """Everything the server sends until it closes the connection (a reset counts)."""
-    data = b""
-    try:
-        while piece := sock.recv(65536):
-            data += piece
-    except ConnectionResetError:
-        pass
-    return data
+    def answer(self):
+        """(status, headers as a lower-cased dict, body) of the next answer."""
+        while b"\r\n\r\n" not in self.received:
+            assert self._receive(), f"closed without an answer after {self.received!r}"
+        head, _, rest = self.received.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+        length = int(headers.get("content-length", 0))
+        self.received = rest
+        while len(self.received) < length and self._receive():
+            pass
+        body, self.received = self.received[:length], self.received[length:]
+        return int(lines[0].split()[1]), headers, body
+
+    def until_closed(self):
+        """Everything still coming until the server closes the connection (a reset
+        counts as a close)."""
+        with contextlib.suppress(ConnectionResetError):
+            while self._receive():
+                pass
+        return self.received
 
 
 def assert_json_error(status, headers, body, expected):
@@ -77,29 +90,29 @@ def call(server, method, path, data=None, headers=None):
 
 
 def upload_and_download(server, name, image):
-    """Upload image, download it back: its JSON and the bytes that came back."""
+    """Upload image and download it back: the bytes that came back."""
     status, _, body = call(server, "POST", f"/images?name={name}", image)
     assert status == 201
     created = json.loads(body)
     status, _, data = call(server, "GET", f"/images/{created['id']}",
                            headers={"Accept": "application/octet-stream"})
     assert status == 200
-    return created, data
+    return data
 
 
 class Trickle:
     """Connections that send a request head one byte every half second, in a thread."""
 
     def __init__(self, server, count):
-        self.socks = [connect(server) for _ in range(count)]
-        for sock in self.socks:
-            send(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        self.conns = [Conn(server) for _ in range(count)]
+        for conn in self.conns:
+            conn.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
-        sending = list(self.socks)
+        sending = [conn.sock for conn in self.conns]
         while sending and not self.stopped.wait(0.5):
             for sock in list(sending):
                 try:
@@ -110,69 +123,70 @@ class Trickle:
     def stop(self):
         self.stopped.set()
         self.thread.join()
-        for sock in self.socks:
-            sock.close()
+        for conn in self.conns:
+            conn.sock.close()
 
 
 def test_silent_and_slow_head_connections_do_not_stall_the_service(server, qcow2_bytes):
     """300 connections that send nothing and 50 that send their head a byte at a time:
     gunicorn used to give each a thread (the slow ones for as long as they liked) and a
     connection slot, and /healthz waited behind them."""
-    silent = [connect(server) for _ in range(300)]
+    silent = [Conn(server) for _ in range(300)]
     slow = Trickle(server, 50)
     try:
         assert call(server, "GET", "/healthz")[0] == 200
-        created, data = upload_and_download(server, "busy", qcow2_bytes)
-        assert data == qcow2_bytes
+        assert upload_and_download(server, "busy", qcow2_bytes) == qcow2_bytes
         assert call(server, "GET", "/healthz")[0] == 200
         # Then the server closes them all, after the head timeout.
-        for sock in silent:
-            assert read_until_closed(sock) == b""
-        for sock in slow.socks:
-            answer = read_until_closed(sock)
+        for conn in silent:
+            assert conn.until_closed() == b""
+        for conn in slow.conns:
+            answer = conn.until_closed()
             assert answer == b"" or answer.startswith(b"HTTP/1.1 408 ")
     finally:
         slow.stop()
-        for sock in silent:
-            sock.close()
+        for conn in silent:
+            conn.sock.close()
 
 
 def test_a_head_that_stops_halfway_gets_408_json(server):
-    with connect(server) as sock:
-        send(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        status, headers, body = read_answer(sock)
+    with Conn(server) as conn:
+        conn.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        status, headers, body = conn.answer()
         assert_json_error(status, headers, body, 408)
-        assert read_until_closed(sock) == b""
+        assert conn.until_closed() == b""
 
 
 def test_the_next_head_on_a_kept_alive_connection_has_a_deadline_too(server):
     """The first request is answered; the second head, sent only in part, is cut off."""
-    with connect(server) as sock:
-        send(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert read_answer(sock)[0] == 200
-        send(sock, b"GET /healthz HTTP/1.1\r\n")
-        assert read_answer(sock)[0] == 408
+    with Conn(server) as conn:
+        conn.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.answer()[0] == 200
+        conn.send(b"GET /healthz HTTP/1.1\r\n")
+        assert conn.answer()[0] == 408
 
 
 def test_a_partial_head_read_ahead_behind_a_request_has_a_deadline_too(server):
     """The second head comes in the same packet as the first request, unfinished."""
-    with connect(server) as sock:
-        send(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n")
-        assert read_answer(sock)[0] == 200
-        assert read_answer(sock)[0] == 408
+    with Conn(server) as conn:
+        conn.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n")
+        assert conn.answer()[0] == 200
+        assert conn.answer()[0] == 408
 
 
 def test_heads_in_pieces_pipelined_and_kept_alive_are_served(server):
     """Reading heads in the worker's main loop keeps what HTTP/1.1 allows working."""
-    with connect(server) as sock:
+    with Conn(server) as conn:
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for piece in (b"GET /heal", b"thz HTTP/1.1\r\nHo", b"st: x\r\n", b"\r\n"):
-            send(sock, piece)
-        assert read_answer(sock)[0] == 200
-        send(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
-        assert [read_answer(sock)[0] for _ in range(3)] == [200, 200, 200]
-        send(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        assert read_answer(sock)[0] == 200
-        assert read_until_closed(sock) == b""
+            conn.send(piece)
+            time.sleep(0.1)  # pacing, so that the pieces arrive apart
+        assert conn.answer()[0] == 200
+        conn.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+        assert [conn.answer()[0] for _ in range(3)] == [200, 200, 200]
+        conn.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert conn.answer()[0] == 200
+        assert conn.until_closed() == b""
 
 
 BIG_HEADER = b"X-Big: " + b"a" * 8000 + b"\r\n"
@@ -199,9 +213,9 @@ BIG_HEADER = b"X-Big: " + b"a" * 8000 + b"\r\n"
 ])
 def test_gunicorn_errors_are_json(server, request_bytes, status):
     """gunicorn answers what it cannot parse itself; it used to send an HTML page."""
-    with connect(server) as sock:
-        send(sock, request_bytes)
-        assert_json_error(*read_answer(sock), status)
+    with Conn(server) as conn:
+        conn.send(request_bytes)
+        assert_json_error(*conn.answer(), status)
 
 
 def test_proxy_headers_are_ignored_unless_turned_on(server, qcow2_bytes):

@@ -70,15 +70,44 @@ class HeadLimits:
         # The parser's own cap on the header block, plus the request line before it.
         self.total = (self.line or MAX_REQUEST_LINE) + 2 + fields * (field_size + 2) + 4
 
-    def parser_can_decide(self, data):
-        """Whether the parser can answer data without reading more: a whole head, a bare
-        LF (refused at once), or a request line already over its limit (414)."""
-        if b"\r\n\r\n" in data or data.count(b"\n") != data.count(b"\r\n"):
-            return True
-        start = 2 if data.startswith(b"\r\n") else 0  # the parser skips one empty line
-        end = data.find(b"\r\n", start)
-        length = end - start if end >= 0 else len(data) - start - 2
-        return length > self.line > 0
+
+class Head:
+    """A request head as its pieces come, each byte looked at once (a client sending many
+    small pieces must not make the worker rescan what came before): it tells when
+    gunicorn's parser can answer without reading more, by that parser's rules."""
+
+    def __init__(self, limits, data=b""):
+        self.limits = limits
+        self.data = bytearray()
+        self.line_end = -1  # where the request line ends, once it does
+        self.complete = False
+        self.add(data)
+
+    def add(self, piece):
+        """Take piece; return whether the parser can now answer: a whole head, a bare LF
+        (refused at once), or a request line already over its limit (414)."""
+        seen = len(self.data)
+        self.data += piece
+        self.complete = self.complete or (self.data.find(b"\r\n\r\n", max(seen - 3, 0)) >= 0
+                                          or self._bare_lf(seen) or self._line_too_long(seen))
+        return self.complete
+
+    def _bare_lf(self, seen):
+        lf = self.data.find(b"\n", seen)
+        while lf >= 0:
+            if lf == 0 or self.data[lf - 1] != ord("\r"):
+                return True
+            lf = self.data.find(b"\n", lf + 1)
+        return False
+
+    def _line_too_long(self, seen):
+        start = 2 if self.data.startswith(b"\r\n") else 0  # the parser skips one empty line
+        if self.line_end < 0:
+            self.line_end = self.data.find(b"\r\n", max(seen - 1, start))
+        # As the parser measures it: a line not ended yet counts 2 bytes less.
+        ended = self.line_end >= 0
+        length = self.line_end - start if ended else len(self.data) - start - 2
+        return length > self.limits.line > 0
 
 
 class ImagestoreWorker(ThreadWorker):
@@ -117,9 +146,9 @@ class ImagestoreWorker(ThreadWorker):
             self.to_thread(conn)
             return
         conn.init()  # plain HTTP/1: this only makes the parser, once
-        head = conn.parser.unreader.take_buffered()
-        if self.head_limits.parser_can_decide(head):
-            conn.parser.unreader.unread(head)
+        head = Head(self.head_limits, conn.parser.unreader.take_buffered())
+        if head.complete:
+            conn.parser.unreader.unread(bytes(head.data))
             self.to_thread(conn)
         else:
             self.await_head(conn, head)
@@ -127,8 +156,8 @@ class ImagestoreWorker(ThreadWorker):
     def await_head(self, conn, head):
         """Let the poller collect conn's head, without a thread, until the deadline."""
         conn.sock.setblocking(False)
-        conn.head = bytearray(head)
-        self.head_bytes += len(head)
+        conn.head = head
+        self.head_bytes += len(head.data)
         conn.head_deadline = time.monotonic() + self.head_timeout
         self.waiting_heads.append(conn)
         self.poller.register(conn.sock, selectors.EVENT_READ,
@@ -145,13 +174,11 @@ class ImagestoreWorker(ThreadWorker):
         if not piece:  # the client went away
             self.drop_waiting(conn)
             return
-        conn.head += piece
         self.head_bytes += len(piece)
-        if self.head_limits.parser_can_decide(conn.head):
-            self.stop_waiting(conn)
-            conn.parser.unreader.unread(bytes(conn.head))
+        if conn.head.add(piece):
+            conn.parser.unreader.unread(self.stop_waiting(conn))
             self.to_thread(conn)
-        elif len(conn.head) > self.head_limits.total:
+        elif len(conn.head.data) > self.head_limits.total:
             # The parser would refuse this too, but only after one more blocking read.
             self.log.warning("Invalid request from %s: request head too large", conn.client)
             self.drop_waiting(conn, (431, "Request Header Fields Too Large",
@@ -163,11 +190,13 @@ class ImagestoreWorker(ThreadWorker):
                                      "Too many unfinished request heads, try again later"))
 
     def stop_waiting(self, conn):
-        """Take conn off the poller and the list of heads awaited."""
+        """Take conn off the poller and the heads awaited; return what came of its head."""
         self.waiting_heads.remove(conn)
-        self.head_bytes -= len(conn.head)
+        data, conn.head = bytes(conn.head.data), None
+        self.head_bytes -= len(data)
         with contextlib.suppress(OSError, KeyError, ValueError):
             self.poller.unregister(conn.sock)
+        return data
 
     def drop_waiting(self, conn, error=None):
         """Close a connection whose head is awaited, answering error first if given."""
@@ -222,7 +251,7 @@ class ImagestoreWorker(ThreadWorker):
             # Nothing at all came: closed quietly, as an idle kept-alive connection is.
             timeout = (408, "Request Timeout",
                        f"Request head not received within {self.head_timeout:g} s")
-            self.drop_waiting(conn, timeout if conn.head else None)
+            self.drop_waiting(conn, timeout if conn.head.data else None)
         while self.lingering and self.lingering[0].linger_deadline <= now:
             self.end_linger(self.lingering[0])
 

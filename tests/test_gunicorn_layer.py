@@ -10,6 +10,11 @@ import urllib.request
 
 import pytest
 from conftest import start_server, stop_server
+from gunicorn.config import Config
+from gunicorn.http.errors import NoMoreData
+from gunicorn.http.parser import RequestParser
+
+from gunicorn_worker import Head, HeadLimits
 
 # Guard against a hang only: nothing here waits for so long when the server is right.
 GUARD = 30
@@ -187,6 +192,40 @@ def test_heads_in_pieces_pipelined_and_kept_alive_are_served(server):
         conn.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert conn.answer()[0] == 200
         assert conn.until_closed() == b""
+
+
+def parser_needs_more(cfg, data):
+    """Whether gunicorn's parser, given data, would read more before it answers."""
+    try:
+        next(RequestParser(cfg, [bytes(data)], ("127.0.0.1", 1)))
+    except (NoMoreData, StopIteration):
+        return True
+    except Exception:  # noqa: BLE001 - refused at once: it needs nothing more
+        return False
+    return False
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /images HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+    b"GET / HTTP/1.1\nHost: x\n\n",
+    b"GET / HTTP/1.1\r\nHost: x\nA: b\r\n\r\n",
+    b"GET /" + b"a" * 30 + b" HTTP/1.1\r\n\r\n",
+    b"\r\n\r\n",
+])
+def test_the_head_reader_hands_over_when_gunicorns_parser_can_answer(request_bytes):
+    """Fed a byte at a time, the worker's head reader says "complete" exactly where
+    gunicorn's parser stops needing more. (Not covered: a malformed request line, which
+    the parser refuses as soon as the line ends; the worker hands it over with the whole
+    head, and the answer is the same 400.)"""
+    cfg = Config()
+    cfg.set("limit_request_line", 20)
+    cfg.set("http_parser", "python")
+    head = Head(HeadLimits(cfg))
+    for end in range(1, len(request_bytes) + 1):
+        complete = head.add(request_bytes[end - 1:end])
+        assert complete == (not parser_needs_more(cfg, request_bytes[:end])), end
 
 
 BIG_HEADER = b"X-Big: " + b"a" * 8000 + b"\r\n"

@@ -1,21 +1,36 @@
 """gunicorn settings, read from the environment as Heroku sets it."""
 
 import os
+import resource
+
+import gunicorn_worker
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # Threaded workers keep sending heartbeats while a thread moves a long upload or
 # download, so a slow client is neither killed by the timeout nor blocks the worker.
-worker_class = "gthread"
+# Ours is gunicorn's gthread worker that reads request heads without a thread, under
+# a deadline, and answers gunicorn's own errors as JSON (gunicorn_worker.py).
+worker_class = "gunicorn_worker.ImagestoreWorker"
+# Seconds a connection has to send its whole request head (line and headers); then it
+# is closed, with a 408 if part of a head came. It waits for them without a thread.
+gunicorn_worker.ImagestoreWorker.head_timeout = float(
+    os.environ.get("GUNICORN_HEAD_TIMEOUT", "10"))
+# The worker tells when a head is complete as gunicorn's Python parser reads it; the
+# optional C parser (gunicorn_h1c), if ever installed, is not what it was tested with.
+http_parser = "python"
 # Each upload or download holds a thread for its whole transfer, so a worker has many;
 # they wait on sockets, not on the CPU. 50 clients sending a few bytes a second hold 50
 # threads until BODY_READ_TIMEOUT (the app's) cuts them off.
 threads = int(os.environ.get("GUNICORN_THREADS", "64"))
-# A worker accepts at most this many connections: its threads, plus room for idle
-# kept-alive ones (gunicorn keeps a connection alive only while it has such room). A
-# connection it cannot serve at once is left to the other workers or the listen backlog
-# instead of queueing inside this worker behind slow bodies (reliability/run.py, slow).
-worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", str(threads + 16)))
+# A worker holds at most this many connections, idle kept-alive ones and ones still
+# sending their head included (those cost a file descriptor, no thread), and leaves
+# room for its own files under the open-file limit. It accepts only while a thread is
+# free, so a connection it cannot serve at once goes to the other workers or waits in
+# the listen backlog instead of queueing behind slow bodies (reliability/run.py, slow).
+_open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS")
+                         or min(1000, max(threads + 16, _open_files - 100)))
 # Only a worker that stops answering its heartbeat for this long is restarted.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = 30
@@ -25,7 +40,12 @@ graceful_timeout = 30
 # kept-alive connection holds a slot but no thread, and only for these seconds.
 keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))
 accesslog = "-"
-forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+# The app alone decides whether X-Forwarded-Proto/-Host count (TRUST_PROXY_HEADERS,
+# werkzeug's ProxyFix). gunicorn would otherwise honour them, and SCRIPT_NAME/PATH_INFO
+# headers, from 127.0.0.1 and any Unix socket peer.
+forwarded_allow_ips = ""
+secure_scheme_headers = {}
+forwarder_headers = ""
 # gunicorn 27's control socket has one default path per user; several instances on
 # one machine (tests, or two services side by side) would take it from each other.
 control_socket_disable = True

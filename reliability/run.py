@@ -8,7 +8,7 @@
   qemubusy    qemu-img convert through a signed link, again and again, on a busy host
   dbdiskfull  database and store on one small tmpfs, filled by uploads until 507
   sweep       uploads from several clients while `flask sweep --min-age 0` runs in a loop
-  silent      300 connections that send nothing and 50 that send headers slowly, held open
+  silent      600 connections that send nothing and 50 that send headers slowly, held open
 
 Prints a table of figures (requests, errors, lost, orphans) and exits 1 on any error,
 loss or orphan. `--short` is the form CI runs. Needs qemu-img and qemu-io (qemu-block-extra
@@ -1111,7 +1111,7 @@ def scenario_calls(base, short, disk):
         "qemubusy": lambda f: scenario_qemubusy(f, base, 6 if short else 20),
         "dbdiskfull": lambda f: scenario_dbdiskfull(f, base, big, images[0], disk),
         "sweep": lambda f: scenario_sweep(f, base, 8, 8 if short else 30, images),
-        "silent": lambda f: scenario_silent(f, base, 300, 50, 8 if short else 30, images[0]),
+        "silent": lambda f: scenario_silent(f, base, 600, 50, 8 if short else 30, images[0]),
     }
 
 

@@ -14,7 +14,7 @@ from links import link_matches, parse_expires_in, read_link, sign_link
 from models import db
 from qcow2 import ImageRefused, inspect_qcow2
 from uploads import body_stream, check_upload_headers, receive_body, watch_body
-from web import base_url, link_header
+from urls import base_url, link_header
 
 bp = Blueprint("api", __name__)
 

@@ -5,7 +5,9 @@ import os
 from flask import Blueprint, Response, current_app, g, jsonify, request, send_file
 from peewee import PeeweeException
 
-import images
+import image_changes
+import queries
+from access import readable_image, writable_image
 from auth import require_scope
 from diskspace import check_room_for_upload, parts_short_of_space
 from downloads import DISK_TYPES, JSON, file_response, negotiate
@@ -13,8 +15,9 @@ from errors import ApiError, ValidationError, disk_full, not_found
 from links import link_matches, parse_expires_in, read_link, sign_link
 from models import db
 from qcow2 import ImageRefused, inspect_qcow2
+from representations import image_json, last_modified, rfc3339
 from uploads import body_stream, check_upload_headers, receive_body, watch_body
-from web import base_url, link_header
+from urls import base_url, link_header
 
 bp = Blueprint("api", __name__)
 
@@ -58,10 +61,10 @@ def openapi_document():
 @require_scope("image:read")
 def list_images():
     """A page of the user's images, newest first, with a Link header."""
-    page = images.parse_page(request.args.get("page"))
-    search = images.check_search(request.args.get("search"))
-    rows, has_next = images.list_images(g.user, search, page)
-    response = jsonify([images.image_json(i, base_url()) for i in rows])
+    page = queries.parse_page(request.args.get("page"))
+    search = queries.check_search(request.args.get("search"))
+    rows, has_next = queries.list_images(g.user, search, page)
+    response = jsonify([image_json(i, base_url()) for i in rows])
     link = link_header(base_url() + "/images", request.args.items(multi=True), page, has_next)
     if link:
         response.headers["Link"] = link
@@ -76,7 +79,8 @@ def create_image():
     max_size = config["MAX_IMAGE_SIZE"]
     check_upload_headers(request, max_size)
     check_room_for_upload(storage(), config["MIN_FREE_SPACE"], request.content_length)
-    plan = images.plan_upload(g.user, request.args.get("name"), request.args.get("namespace"))
+    plan = image_changes.plan_upload(g.user, request.args.get("name"),
+                                     request.args.get("namespace"))
     with storage().staging() as staged, watch_body(request, config["BODY_READ_TIMEOUT"]) as watch:
         stream, length = body_stream(request)
         size, sha256 = receive_body(stream, staged.file, max_size, length, watch)
@@ -84,8 +88,8 @@ def create_image():
             info = inspect_qcow2(staged.path, config["MAX_VIRTUAL_SIZE"], config["QEMU_IMG_SLOTS"])
         except ImageRefused as refusal:
             raise ValidationError("file", refusal_message(refusal)) from None
-        image = images.create_image(plan, storage(), staged, size, sha256, info)
-    body = images.image_json(image, base_url())
+        image = image_changes.create_image(plan, storage(), staged, size, sha256, info)
+    body = image_json(image, base_url())
     return jsonify(body), 201, {"Location": body["url"]}
 
 
@@ -108,10 +112,10 @@ def get_image(image_id):
     if mimetype is None:
         raise ApiError(406, f"Not Acceptable: ask for {JSON} or one of {', '.join(DISK_TYPES)}",
                        {"Vary": "Accept"})
-    image = images.readable_image(g.user, image_id)
+    image = readable_image(g.user, image_id)
     if mimetype != JSON:
         return send_image(image, mimetype)
-    response = jsonify(images.image_json(image, base_url()))
+    response = jsonify(image_json(image, base_url()))
     response.vary.add("Accept")
     return response
 
@@ -120,7 +124,7 @@ def get_image(image_id):
 @require_scope("image:delete")
 def delete_image(image_id):
     """Remove the image's row and file."""
-    images.delete_image(images.writable_image(g.user, image_id), storage())
+    image_changes.delete_image(writable_image(g.user, image_id), storage())
     response = Response(status=204)
     del response.headers["Content-Type"]
     return response
@@ -131,17 +135,17 @@ def delete_image(image_id):
 def create_link(image_id):
     """A signed URL that serves the file without a token until it expires."""
     expires_in = parse_expires_in(request.args.get("expires_in"))
-    image = images.readable_image(g.user, image_id)
+    image = readable_image(g.user, image_id)
     token, expires_at = sign_link(current_app.config["SECRET_KEY"], image, expires_in)
     url = f"{base_url()}/links/{token}/{image.name}.qcow2"
-    return jsonify(url=url, expires_at=images.rfc3339(expires_at)), 201
+    return jsonify(url=url, expires_at=rfc3339(expires_at)), 201
 
 
 @bp.get("/links/<token>/<filename>")
 def follow_link(token, filename):
     """Serve the file named by a signed link, to anyone who holds it."""
     image_id, tag = read_link(current_app.config["SECRET_KEY"], token)
-    image = images.find_image(image_id)
+    image = queries.find_image(image_id)
     if not link_matches(image, tag):
         raise not_found()
     mimetype = negotiate(request.headers.get("Accept"))
@@ -167,6 +171,6 @@ def send_image(image, mimetype):
 
     return file_response(
         request, open_file, size=image.size, mimetype=mimetype,
-        etag=image.sha256, last_modified=images.last_modified(image),
+        etag=image.sha256, last_modified=last_modified(image),
         filename=f"{image.name}.qcow2",
     )

@@ -9,8 +9,9 @@ from api import bp
 from cli import register_cli
 from config import load_config
 from errors import register_error_handlers
-from images import recover
 from models import create_tables, db, open_database
+from queries import has_image_with_key
+from recovery import recover
 from storage import storage_from_url
 
 
@@ -29,7 +30,8 @@ def create_app(test_config=None, instance_path=None):
     store = storage_from_url(app.config["STORAGE_URL"], app.config["STAGING_DIR"],
                              app.config["S3_REDIRECT_DOWNLOADS"])
     with db.connection_context():
-        recover(store)  # what a killed worker left: temporary files, half-done keys
+        # what a killed worker left: temporary files, half-done keys
+        recover(store, has_image_with_key)
     app.extensions["storage"] = store
 
     # Peewee connects on the first query of a request; this hands it back after.

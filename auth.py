@@ -58,15 +58,20 @@ def _unauthorized(message):
     return ApiError(401, message, {"WWW-Authenticate": 'Bearer realm="imagestore"'})
 
 
-def authenticate(header):
-    """Find the token named in an Authorization header, with its user, in one query."""
-    scheme, _, secret = (header or "").partition(" ")
-    if scheme.lower() != "bearer" or not secret.strip():
+def authenticate(credentials):
+    """Find the token of a request's parsed Authorization header, with its user, in one query.
+
+    credentials is Werkzeug's request.authorization: None without a header, else its
+    scheme (lowercased) in .type and a bearer token in .token, stripped.
+    """
+    if credentials is None or credentials.type != "bearer" or credentials.token == "":
         raise _unauthorized("Missing bearer token")
-    token = (
+    # No .token: Werkzeug read the value as parameters (an "=" inside it), which no token
+    # of ours has.
+    token = credentials.token and (
         Token.select(Token, User)
         .join(User)
-        .where(Token.token_hash == hash_token(secret.strip()))
+        .where(Token.token_hash == hash_token(credentials.token))
         .first()
     )
     if token is None:
@@ -80,7 +85,7 @@ def require_scope(scope):
     def decorator(view):
         @functools.wraps(view)
         def wrapped(*args, **kwargs):
-            token = authenticate(request.headers.get("Authorization"))
+            token = authenticate(request.authorization)
             if scope not in parse_scopes(token.scopes):
                 raise ApiError(
                     403,

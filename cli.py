@@ -5,7 +5,6 @@ from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 from peewee import IntegrityError, fn
 
-import images
 from auth import issue_token, parse_scopes
 from errors import ValidationError
 from models import (
@@ -18,6 +17,9 @@ from models import (
     write_transaction,
 )
 from namespaces import MAX_USERNAME, USERNAME, ensure_namespace, find_namespace, parse_namespace_ref
+from queries import has_image_with_key, image_keys
+from recovery import orphan_keys, recover
+from representations import rfc3339
 
 user_cli = AppGroup("user", help="Manage users.")
 token_cli = AppGroup("token", help="Manage API tokens.")
@@ -95,7 +97,7 @@ def create_token(username, scope, name):
 def list_tokens(username):
     """Print id, name, scopes and creation time of each token (never the secret)."""
     for token in Token.select().where(Token.user == _user(username)).order_by(Token.id):
-        created = images.rfc3339(token.created_at)
+        created = rfc3339(token.created_at)
         click.echo(f"{token.id}\t{token.name or '-'}\t{token.scopes}\t{created}")
 
 
@@ -205,8 +207,8 @@ def init_db():
 def sweep(min_age):
     """Remove temporary files of dead workers and stored files that have no row."""
     store = current_app.extensions["storage"]
-    removed, settled = images.recover(store)
-    orphans = images.orphan_keys(store, older_than=min_age)
+    removed, settled = recover(store, has_image_with_key)
+    orphans = orphan_keys(store, older_than=min_age, keys_with_rows=image_keys)
     for key in orphans:
         store.delete(key)
     click.echo(f"removed {removed} temporary files and {settled + len(orphans)} orphan files")

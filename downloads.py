@@ -4,6 +4,16 @@ The rules follow RFC 9110: preconditions in the order of section 13.2.2, single
 byte ranges (14.1.2), If-Range with strong comparison (13.1.5), and Range only on
 GET (14.2). The file itself goes to the server's wsgi.file_wrapper, which gunicorn
 turns into sendfile(2): no byte of it passes through Python.
+
+Why this is written here and not left to Werkzeug's Response.make_conditional:
+- For a range, Werkzeug swaps the server's file wrapper for its own _RangeWrapper, a
+  Python iterator; gunicorn no longer sees a file and copies every byte through Python
+  instead of sendfile.
+- Werkzeug answers 416 to a Range it cannot use, where RFC 9110 14.2 says a server
+  must ignore an unknown unit ("items=0-5") and may ignore an invalid range
+  ("bytes=5-2"): this module ignores both, and several ranges, and sends the whole
+  file with 200. Werkzeug also sends 206 with the whole file for "bytes=-0", a
+  zero-length suffix, which RFC 9110 14.1.1 calls unsatisfiable: 416 here.
 """
 
 import re

@@ -169,7 +169,7 @@ class IntentJournal:
     """Intents as empty files in a local folder (the staging folder), one per key and pid.
 
     Every backend moves a file in before its row is committed and removes it after its
-    row is deleted; a process killed in between leaves an intent, which images.recover()
+    row is deleted; a process killed in between leaves an intent, which recovery.recover()
     settles when the next process starts. A backend's put() calls intend(key) before the
     file becomes visible under key.
     """

@@ -34,6 +34,27 @@ def test_missing_or_unknown_token_is_401(client, headers):
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
 
 
+@pytest.mark.parametrize("value, message", [
+    (None, "Missing bearer token"), ("Bearer", "Missing bearer token"),
+    ("Bearer   ", "Missing bearer token"), ("Basic dXNlcjpwYXNz", "Missing bearer token"),
+    ("Basic !!", "Missing bearer token"), ("Digest realm=x", "Missing bearer token"),
+    ("Bearer\tims_x", "Missing bearer token"), ("Bearer not-a-token", "Invalid token"),
+    ("Bearer a=b", "Invalid token"), ("Bearer =x", "Invalid token"),
+])
+def test_401_says_whether_a_bearer_token_came(client, value, message):
+    """Werkzeug parses the header; the answers are those of the hand-written parser."""
+    headers = {} if value is None else {"Authorization": value}
+    response = client.get("/images", headers=headers)
+    assert response.status_code == 401
+    assert response.json == {"message": message}
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="imagestore"'
+
+
+def test_scheme_in_any_case_and_spaces_around_the_token_are_fine(client, alice):
+    response = client.get("/images", headers={"Authorization": f"bEARER   {alice.token}  "})
+    assert response.status_code == 200
+
+
 @pytest.mark.parametrize("method, path, scope", [
     ("get", "/images", "image:read"),
     ("get", "/images/1", "image:read"),

@@ -29,12 +29,12 @@ def test_wrong_method_is_json_405_with_allow(client, method, path):
 
 
 def test_unexpected_error_is_json_500_without_trace(app, client, alice, monkeypatch):
-    import images
+    import queries
 
     def broken(*args, **kwargs):
         raise RuntimeError("secret detail at /srv/imagestore/images.py")
 
-    monkeypatch.setattr(images, "list_images", broken)
+    monkeypatch.setattr(queries, "list_images", broken)
     response = client.get("/images", headers=alice.headers)
     assert response.status_code == 500
     assert response.json == {"message": "Internal Server Error"}

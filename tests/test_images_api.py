@@ -10,6 +10,8 @@ from datetime import datetime, timedelta
 import pytest
 from conftest import make_qcow2
 
+import image_changes
+from errors import ValidationError
 from models import Image
 
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
@@ -122,16 +124,15 @@ def test_same_name_for_two_users_is_fine(alice, bob, upload):
 
 def test_database_refuses_duplicate_even_past_the_early_check(app, alice, upload, store_files):
     """Two racing uploads both pass the early check; the unique index decides."""
-    import images
-    plan = images.plan_upload(alice.user, "race", None)
+    plan = image_changes.plan_upload(alice.user, "race", None)
     assert upload(alice, name="race").status_code == 201
     storage = app.extensions["storage"]
     before = store_files()
     with storage.staging() as staged:
         staged.file.write(b"x")
-        with pytest.raises(images.ValidationError) as refused:
-            images.create_image(plan, storage, staged, 1, "0" * 64,
-                                type("Info", (), {"virtual_size": 1})())
+        with pytest.raises(ValidationError) as refused:
+            image_changes.create_image(plan, storage, staged, 1, "0" * 64,
+                                       type("Info", (), {"virtual_size": 1})())
     assert refused.value.fields == {"name": ["Name already exists"]}
     assert store_files() == before
 

@@ -1,6 +1,9 @@
 """Namespaces: path[@owner], auto-creation, owners and collaborators, visibility on the root."""
 
+import logging
+
 import pytest
+from playhouse.test_utils import count_queries
 
 from errors import ValidationError
 from models import Collaborator, Image, Namespace
@@ -123,27 +126,21 @@ def test_root_visibility_lets_others_get_but_not_list_or_delete(
 
 def test_list_shows_namespaces_of_owner_and_collaborations_with_few_queries(
         client, alice, bob, upload, team):
-    from peewee import Database
     upload(alice, name="own")
     upload(alice, name="teamimg", namespace="team/sub")
     upload(bob, name="bobs")
-    queries = []
-    original = Database.execute_sql
-
-    def counting(self, sql, *args, **kwargs):
-        queries.append(sql)
-        return original(self, sql, *args, **kwargs)
-
-    Database.execute_sql = counting
+    peewee_log = logging.getLogger("peewee")
+    level = peewee_log.level
     try:
-        response = client.get("/images", headers=bob.headers)
+        with count_queries() as queries:
+            response = client.get("/images", headers=bob.headers)
     finally:
-        Database.execute_sql = original
+        peewee_log.setLevel(level)  # count_queries leaves peewee's logger at DEBUG
     assert {i["name"] for i in response.json} == {"teamimg", "bobs"}
     assert response.json[1]["namespace"]["user"]["username"] == "alice"
     # The token with its user, the namespaces shared with bob, then one page with every
     # relation (the shared namespaces are walked one index each: docs/benchmarks.md).
-    assert len(queries) <= 3
+    assert queries.count <= 3
 
 
 def test_name_outside_namespaces_does_not_block_a_new_namespace(alice, upload):

@@ -14,7 +14,7 @@ from auth import RESOURCES, format_scopes, parse_scopes
 from downloads import DISK_TYPES, JSON, negotiate
 from errors import ValidationError
 from namespaces import MAX_DEPTH, NamespaceRef, parse_namespace_ref
-from web import link_header
+from urls import link_header
 
 ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 segments = st.lists(st.text(ALNUM, min_size=1, max_size=12), min_size=1, max_size=MAX_DEPTH)
@@ -77,7 +77,7 @@ def test_the_scope_parser_returns_known_scopes_or_raises_value_error(text):
     assert scopes and scopes <= set(ALL_SCOPES)
 
 
-# --- web.link_header ---
+# --- urls.link_header ---
 
 BASE = "http://store.example/images"
 

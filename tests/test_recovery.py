@@ -9,8 +9,9 @@ import threading
 import pytest
 from conftest import ROOT, store_folder, stored_path
 
-from images import orphan_keys, recover
 from models import Image
+from queries import has_image_with_key, image_keys
+from recovery import orphan_keys, recover
 from staging import INTENT_SUFFIX, TEMP_SUFFIX
 
 
@@ -44,7 +45,7 @@ def test_a_file_whose_row_never_came_is_removed(app, dead_pid):
     orphan = leave(store_folder(app), "deadbeef.qcow2", b"QFI\xfb")
     intent = leave(store.staging_folder, f"{dead_pid}-deadbeef{INTENT_SUFFIX}")
     with app.app_context():
-        assert recover(store) == (0, 1)
+        assert recover(store, has_image_with_key) == (0, 1)
     assert not os.path.exists(orphan)
     assert not os.path.exists(intent)
 
@@ -56,7 +57,7 @@ def test_a_file_whose_row_was_committed_is_kept(app, alice, upload, dead_pid):
     key = Image.get().storage_key
     intent = leave(store.staging_folder, f"{dead_pid}-{key}{INTENT_SUFFIX}")
     with app.app_context():
-        assert recover(store) == (0, 0)
+        assert recover(store, has_image_with_key) == (0, 0)
     assert os.path.exists(stored_path(app, key))
     assert not os.path.exists(intent)
 
@@ -69,7 +70,7 @@ def test_a_file_whose_row_was_deleted_is_removed(app, alice, upload, dead_pid):
     leave(store.staging_folder, f"{dead_pid}-{image.storage_key}{INTENT_SUFFIX}")
     Image.delete().execute()
     with app.app_context():
-        assert recover(store) == (0, 1)
+        assert recover(store, has_image_with_key) == (0, 1)
     assert not os.path.exists(stored_path(app, image.storage_key))
 
 
@@ -82,7 +83,7 @@ def test_live_workers_keep_their_files_and_dead_ones_lose_them(app, dead_pid):
              leave(store.staging_folder, f"{os.getpid()}-d{TEMP_SUFFIX}"),  # an earlier self
              leave(store.staging_folder, "stray-file")]
     with app.app_context():
-        assert recover(store) == (3, 0)
+        assert recover(store, has_image_with_key) == (3, 0)
     assert all(os.path.exists(p) for p in kept)
     assert not any(os.path.exists(p) for p in swept)
 
@@ -170,7 +171,7 @@ def test_a_row_committed_while_the_sweep_lists_keeps_its_file(
 
     monkeypatch.setattr(lister, commit_during, listing_then_commit)
     try:
-        assert orphan_keys(store, older_than=0) == []
+        assert orphan_keys(store, older_than=0, keys_with_rows=image_keys) == []
     finally:
         held.finish()
     assert os.path.exists(stored_path(app, Image.get().storage_key))

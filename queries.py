@@ -1,0 +1,125 @@
+"""Reading images from the database: one by id, a user's pages (with search), stored keys."""
+
+import functools
+import operator
+import sys
+
+from peewee import JOIN, SQL, NodeList, Value, fn
+
+from errors import ValidationError
+from models import Collaborator, Image, Namespace, User
+
+PAGE_SIZE = 25
+# Ids are 64-bit in every database; a larger one from a URL names nothing (and would
+# overflow SQLite's integer binding).
+MAX_ID = (1 << 63) - 1
+# The last page whose LIMIT and OFFSET the databases can still bind (64-bit integers):
+# every later page lies past the end of any table.
+MAX_PAGE = (MAX_ID - PAGE_SIZE) // PAGE_SIZE
+# int() and str() refuse numbers of more digits than this (Python's guard against slow
+# conversions); a longer page number is read as the largest one they take.
+PAGE_DIGITS = sys.get_int_max_str_digits() or 4300
+# SQLite allows 500 terms in a compound SELECT; past this many shared namespaces, they are
+# read in one term (sorting all their images) instead of one index walk each.
+MAX_NAMESPACE_TERMS = 200
+
+
+def _with_relations():
+    """Images with author, user, namespace and the namespace's user, in one query."""
+    author, owner, ns_owner = User.alias(), User.alias(), User.alias()
+    return (
+        Image.select(Image, author, owner, Namespace, ns_owner)
+        .join_from(Image, author, on=(Image.author == author.id), attr="author")
+        .join_from(Image, owner, on=(Image.user == owner.id), attr="user")
+        .join_from(Image, Namespace, JOIN.LEFT_OUTER, attr="namespace")
+        .join_from(Namespace, ns_owner, JOIN.LEFT_OUTER, on=(Namespace.user == ns_owner.id),
+                   attr="user")
+    )
+
+
+def find_image(image_id):
+    """The image with its relations, or None."""
+    if not 0 < image_id <= MAX_ID:
+        return None
+    return _with_relations().where(Image.id == image_id).first()
+
+
+def _name_contains(text):
+    """Case-insensitive substring match in which % and _ match themselves."""
+    escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return NodeList((fn.LOWER(Image.name), SQL("LIKE"), Value(f"%{escaped}%"),
+                     SQL("ESCAPE"), Value("\\")))
+
+
+def parse_page(value):
+    """1-based page; a missing, non-numeric or < 1 value means 1."""
+    # isascii: str.isdigit() also accepts '²', which int() refuses.
+    if not (value and value.isascii() and value.isdigit()):
+        return 1
+    digits = value.lstrip("0")
+    if len(digits) > PAGE_DIGITS:
+        return 10 ** PAGE_DIGITS - 1
+    return max(int(digits or "0"), 1)
+
+
+def check_search(text):
+    """Refuse a search that SQL cannot hold: a NUL (PostgreSQL refuses it in any string,
+    SQLite would end the pattern there and match everything)."""
+    if text and "\x00" in text:
+        raise ValidationError("search", "Search must not contain a NUL character")
+    return text
+
+
+def _newest_first(query, search, count):
+    """The ids and times of the newest `count` images of query, as a term of a UNION."""
+    if search:
+        query = query.where(_name_contains(search))
+    query = query.order_by(Image.created_at.desc(), Image.id.desc()).limit(count)
+    return query.select_from(query.c.id, query.c.created_at)
+
+
+def _shared_namespace_ids(user):
+    """Ids of the namespaces under the roots that user collaborates on."""
+    return [ns_id for (ns_id,) in (
+        Namespace.select(Namespace.id)
+        .join(Collaborator, on=(Collaborator.namespace == Namespace.root))
+        .where(Collaborator.user == user.id).tuples())]
+
+
+def list_images(user, search, page):
+    """One page of the images user owns or collaborates on; returns (images, has_next).
+
+    The page's ids come from a union of index walks, each cut to what the page can need:
+    the newest images the user owns (index user, created_at, id) and the newest in each
+    namespace shared with them (index namespace, created_at, id). One scan of all images
+    filtered by "owned or shared" cost time in proportion to the whole store instead.
+    Two queries: the shared namespaces, then the page's images with their relations.
+    """
+    if page > MAX_PAGE:  # past any table's end, and past what the database can bind
+        return [], False
+    offset = (page - 1) * PAGE_SIZE
+    count = offset + PAGE_SIZE + 1
+    columns = (Image.id, Image.created_at)
+    terms = [Image.select(*columns).where(Image.user == user.id)]
+    shared = _shared_namespace_ids(user)
+    if len(shared) > MAX_NAMESPACE_TERMS:
+        terms.append(Image.select(*columns).where(Image.namespace.in_(shared)))
+    else:
+        terms += [Image.select(*columns).where(Image.namespace == ns_id) for ns_id in shared]
+    union = functools.reduce(operator.or_, (_newest_first(t, search, count) for t in terms))
+    page_ids = (union.order_by(SQL("2 DESC"), SQL("1 DESC"))
+                .limit(PAGE_SIZE + 1).offset(offset)).alias("page_ids")
+    rows = list(_with_relations()
+                .join_from(Image, page_ids, on=(Image.id == page_ids.c.id))
+                .order_by(Image.created_at.desc(), Image.id.desc()))
+    return rows[:PAGE_SIZE], len(rows) > PAGE_SIZE
+
+
+def has_image_with_key(key):
+    """Whether an image row names this storage key (recovery asks, per unsettled key)."""
+    return Image.select().where(Image.storage_key == key).exists()
+
+
+def image_keys():
+    """The storage keys of every image row (the sweep's list of files to keep)."""
+    return {key for (key,) in Image.select(Image.storage_key).tuples()}

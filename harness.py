@@ -179,6 +179,7 @@ class LiveServer:
         return self
 
     def stop(self):
+        """Stop gunicorn (SIGTERM; SIGKILL after stop_timeout); start() starts it again."""
         if self.process is not None:
             stop_process(self.process, self.stop_timeout)
 
@@ -200,6 +201,7 @@ class LiveServer:
         return child_pids(self.process.pid)
 
     def log_text(self):
+        """What the server has logged so far."""
         return self.log_path.read_text(errors="replace")
 
 
@@ -210,4 +212,5 @@ def start_server(instance, extra_env=None, port=None, **options):
 
 
 def stop_server(server):
+    """Stop a server that start_server started."""
     server.stop()

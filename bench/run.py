@@ -21,15 +21,12 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -37,10 +34,20 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 DOCS_CHART = ROOT / "docs" / "benchmarks-throughput.png"
 sys.path.insert(0, str(ROOT))  # the project's modules, for inspection and the list page
+from harness import (  # noqa: E402 - found through the line above
+    child_pids,
+    free_port,
+    launch,
+    procfile_command,
+    start_server,
+    stop_process,
+)
+
 MiB = 1 << 20
 GiB = 1 << 30
 TOOLS = ("curl", "qemu-img", "nginx", "docker-registry", "wrk")
 SERVERS = ("imagestore", "nginx", "registry")
+BENCH_APP = "benchwsgi:app"
 
 
 # ---------------------------------------------------------------- settings
@@ -73,65 +80,25 @@ def spread(values):
 # ---------------------------------------------------------------- processes
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url, process, timeout=30):
-    """Wait until url answers at all (any HTTP status); fail if process died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer in {timeout} s")
-
-
-def stop(process):
-    """Stop a server we started (by its own process object) and wait for it."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def bench_command():
+    """The Procfile's web line serving bench/benchwsgi.py's app (wsgi:app and a trivial route)
+    instead of wsgi:app, under the same gunicorn.conf.py."""
+    command = procfile_command()
+    if "wsgi:app" not in command:
+        raise LookupError(f"the Procfile's web line serves no wsgi:app: {command}")
+    return [BENCH_APP if word == "wsgi:app" else word for word in command] + [
+        "--pythonpath", str(ROOT / "bench")]
 
 
 def start_imagestore(work, stack):
-    """gunicorn with the project's gunicorn.conf.py, 2 workers, instance in work/instance."""
-    instance = work / "instance"
-    port = free_port()
-    venv_bin = Path(sys.executable).parent
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1",
-           "IMAGESTORE_INSTANCE": str(instance), "WEB_CONCURRENCY": "2",
-           "PATH": f"{venv_bin}:{os.environ['PATH']}"}
-    for name in ("DATABASE_URL", "STORAGE_URL", "PUBLIC_URL", "SECRET_KEY"):
-        env.pop(name, None)
-    log = open(OUT / "gunicorn.log", "wb")  # noqa: SIM115 - closed with the stack
-    stack.callback(log.close)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--pythonpath", str(ROOT / "bench"), "benchwsgi:app"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
-    stack.callback(stop, process)
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/_bench/trivial", process)
-    return {"url": url, "process": process, "env": env, "instance": instance}
-
-
-def flask_cli(server, *args):
-    """Run an admin command against the benchmark's instance; return its output."""
-    result = subprocess.run([sys.executable, "-m", "flask", "--app", "app", *args], cwd=ROOT,
-                            env=server["env"], check=True, capture_output=True, text=True)
-    return result.stdout.strip()
+    """gunicorn as the Procfile starts it, 2 workers, instance in work/instance; its errors
+    (not its access log) in bench/out/gunicorn.log, this run's only."""
+    log = OUT / "gunicorn.log"
+    log.unlink(missing_ok=True)
+    server = start_server(work / "instance", log_path=log, access_log=False,
+                          command=bench_command())
+    stack.callback(server.stop)
+    return server
 
 
 NGINX_CONF = """\
@@ -170,12 +137,10 @@ def start_nginx(work, stack):
     user = "user root;\n" if os.geteuid() == 0 else ""
     conf = folder / "nginx.conf"
     conf.write_text(NGINX_CONF.format(user=user, dir=folder, port=port))
-    process = subprocess.Popen(
-        ["nginx", "-p", str(folder), "-e", str(folder / "error.log"), "-c", str(conf),
-         "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stack.callback(stop, process)
     url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/", process)
+    process = launch(["nginx", "-p", str(folder), "-e", str(folder / "error.log"), "-c",
+                      str(conf), "-g", "daemon off;"], f"{url}/")
+    stack.callback(stop_process, process)
     return {"url": url, "process": process, "files": folder / "files" / "dav"}
 
 
@@ -205,17 +170,10 @@ def start_registry(work, stack):
     port = free_port()
     conf = folder / "config.yml"
     conf.write_text(REGISTRY_CONF.format(dir=folder, port=port))
-    process = subprocess.Popen(["docker-registry", "serve", str(conf)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stack.callback(stop, process)
     url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/v2/", process)
+    process = launch(["docker-registry", "serve", str(conf)], f"{url}/v2/")
+    stack.callback(stop_process, process)
     return {"url": url, "process": process, "storage": folder / "storage"}
-
-
-def children(pid):
-    """A server's worker processes: the children of its master."""
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 # ---------------------------------------------------------------- files and cache
@@ -311,12 +269,12 @@ class Imagestore:
         self.count = 0
 
     def pids(self):
-        return children(self.server["process"].pid)
+        return self.server.worker_pids()
 
     def upload(self, path, digest):
         self.count += 1
         reply = self.work / "reply.json"
-        url = f"{self.server['url']}/images?name=bench-{self.count}"
+        url = f"{self.server.url}/images?name=bench-{self.count}"
         status, seconds, _ = curl("-H", self.auth, "--data-binary", f"@{path}", url, out=reply)
         expect(status, (201,), f"imagestore upload {reply.read_text()[:200]}")
         self.last = json.loads(reply.read_text())["id"]
@@ -324,14 +282,14 @@ class Imagestore:
 
     def download(self):
         status, seconds, nbytes = curl("-H", self.auth, "-H", "Accept: application/octet-stream",
-                               f"{self.server['url']}/images/{self.last}")
+                               f"{self.server.url}/images/{self.last}")
         expect(status, (200,), "imagestore download")
         return seconds, nbytes
 
     def remove(self):
         if self.last is not None:
             status, _, _ = curl("-X", "DELETE", "-H", self.auth,
-                             f"{self.server['url']}/images/{self.last}")
+                             f"{self.server.url}/images/{self.last}")
             expect(status, (204,), "imagestore delete")
             self.last = None
 
@@ -346,7 +304,7 @@ class Nginx:
         self.count = 0
 
     def pids(self):
-        return [self.server["process"].pid, *children(self.server["process"].pid)]
+        return [self.server["process"].pid, *child_pids(self.server["process"].pid)]
 
     def upload(self, path, digest):
         self.count += 1
@@ -644,13 +602,13 @@ def bench_list(cfg, server, token):
     store grows; SQL statements per list request."""
     from app import create_app
 
-    app = create_app(instance_path=str(server["instance"]))
+    app = create_app(instance_path=str(server.instance))
     with app.app_context():
         users, namespaces, few_token = seed_accounts()
     results = {"rps": {}, "latency": {}, "sql": {}}
     seeded = 0
     seconds, reps = cfg["wrk_seconds"], cfg["wrk_reps"]
-    trivial = f"{server['url']}/_bench/trivial"
+    trivial = f"{server.url}/_bench/trivial"
     for total in cfg["list_sizes"]:
         with app.app_context():
             seed_images(seeded, total, users, namespaces, datetime(2020, 1, 1))
@@ -660,19 +618,19 @@ def bench_list(cfg, server, token):
             results["sql"][str(total)] = {
                 str(page): count_statements(app, token, f"/images?page={page}")
                 for page in (1, 40)}
-        wrk(f"{server['url']}/images", token, 1, 1)  # warm up: caches, connections
+        wrk(f"{server.url}/images", token, 1, 1)  # warm up: caches, connections
         lists = [("bench", token)]
         if total == cfg["list_sizes"][-1]:
             lists.append(("few", few_token))  # 1 in 100 of the store's images
         for who, secret in lists:
             for page in (1, 40):
-                url = f"{server['url']}/images?page={page}"
+                url = f"{server.url}/images?page={page}"
                 results["latency"][f"{who}/{total}/{page}"] = [wrk(url, secret, 1, seconds)[1]
                                                                 for _ in range(reps)]
         runs = {"trivial": [], "list": []}
         for _ in range(reps):
             runs["trivial"].append(wrk(trivial, token, 8, seconds)[0])
-            runs["list"].append(wrk(f"{server['url']}/images?page=1", token, 8, seconds)[0])
+            runs["list"].append(wrk(f"{server.url}/images?page=1", token, 8, seconds)[0])
         results["rps"][str(total)] = runs
     return results
 
@@ -901,9 +859,7 @@ def main():
         print(f"starting imagestore, nginx and docker-registry on 127.0.0.1 (files in {work})",
               flush=True)
         store = start_imagestore(work, stack)
-        flask_cli(store, "user", "create", "bench", "bench@example.com")
-        token = flask_cli(store, "token", "create", "bench", "--scope",
-                          "image:read,write,delete")
+        token = store.token("bench")
         if "transfers" in parts:
             nginx, registry = start_nginx(work, stack), start_registry(work, stack)
             clients = [Imagestore(store, token, work), Nginx(nginx), Registry(registry, work)]

@@ -23,7 +23,6 @@ import http.client
 import json
 import os
 import random
-import shlex
 import signal
 import socket
 import sqlite3
@@ -37,7 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PYTHON_BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))
+from harness import LiveServer  # noqa: E402 - found through the line above
+
 # What a client sees when the server's process dies under its request.
 CUT_OFF = (OSError, http.client.HTTPException)
 DISK = "application/octet-stream"
@@ -47,80 +48,16 @@ SETTLE = 1.5
 
 # --- the service -----------------------------------------------------------------------
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@dataclass
+class Service(LiveServer):
+    """harness's gunicorn as these scenarios want it: the access log dropped (the log is for
+    errors), a minute to start, and started once /healthz answers at all (503 on a full disk);
+    40 s to stop, beyond gunicorn's graceful_timeout of 30 s."""
 
-
-def procfile_web():
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        name, _, command = line.partition(":")
-        if name.strip() == "web":
-            return shlex.split(command)
-    raise LookupError("no web line in Procfile")
-
-
-class Service:
-    """gunicorn started from the Procfile's web line on a loopback port, on one instance."""
-
-    def __init__(self, instance, extra_env=None, workers=2, log_path=None):
-        self.instance = Path(instance)
-        self.port = free_port()
-        self.env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1",
-                    "IMAGESTORE_INSTANCE": str(self.instance), "WEB_CONCURRENCY": str(workers),
-                    "PATH": f"{PYTHON_BIN}:{os.environ['PATH']}", **(extra_env or {})}
-        for name in ("DATABASE_URL", "STORAGE_URL", "PUBLIC_URL"):
-            if name not in (extra_env or {}):
-                self.env.pop(name, None)
-        # Beside the instance when the instance's own disk is meant to fill up.
-        self.log_path = Path(log_path) if log_path else self.instance / "gunicorn.log"
-        self.process = None
-
-    def start(self):
-        self.instance.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the server's life
-        self.process = subprocess.Popen(procfile_web(), cwd=ROOT, env=self.env,
-                                        stdout=subprocess.DEVNULL, stderr=log)
-        log.close()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                if request(self, "GET", "/healthz", timeout=2).status in (200, 503):
-                    return self
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("gunicorn did not start:\n" + self.log_path.read_text()[-3000:])
-
-    def stop(self):
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def worker_pids(self):
-        """The master's children: the workers."""
-        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        return [int(p) for p in path.read_text().split()]
-
-    def flask(self, *args):
-        result = subprocess.run([sys.executable, "-m", "flask", "--app", "app", *args],
-                                cwd=ROOT, env=self.env, check=True, capture_output=True,
-                                text=True)
-        return result.stdout.strip()
-
-    def token(self, username):
-        self.flask("user", "create", username, f"{username}@example.com")
-        return self.flask("token", "create", username, "--scope", "image:read,write,delete")
-
-    def log_text(self):
-        return self.log_path.read_text(errors="replace")
+    access_log: bool = False
+    start_timeout: float = 60
+    ready: tuple = (200, 503)
+    stop_timeout: float = 40
 
     @property
     def database(self):
@@ -248,7 +185,7 @@ def check_log(service, figures):
 @contextlib.contextmanager
 def serving(instance, figures, extra_env=None, **options):
     """A started Service for the block; its log is checked when the block ends well."""
-    service = Service(instance, extra_env, **options).start()
+    service = Service.on(instance, extra_env, **options).start()
     try:
         yield service
         check_log(service, figures)
@@ -513,7 +450,7 @@ class KillRun:
 
 def scenario_kill(figures, base, seconds, big_image, images):
     """Two workers killed amid uploads and downloads, then a restart and the audit."""
-    service = Service(base / "kill").start()
+    service = Service.on(base / "kill").start()
     try:
         run = KillRun(service, service.token("killer"), big_image, figures)
         run.seed(images[:3])
@@ -691,23 +628,36 @@ def is_message(answer):
         return False
 
 
-def scenario_diskfull(figures, base, big_image, small_image, kind="tmpfs"):
-    """The store (not the database) on a small filesystem, filled by uploads."""
-    with small_filesystem(base / "diskfull-store", 64, kind) as (mount, how):
+def on_small_disk(figures, folder, kind, serve, fill):
+    """A disk-full scenario: a small filesystem mounted at folder (else the scenario skipped,
+    saying why), the service that serve(mount) starts on it, filled by fill(filler, mount,
+    how), which returns the scenario's note, and then the outcome checked."""
+    with small_filesystem(folder, 64, kind) as (mount, how):
         if mount is None:
             figures.skipped = how
             return
-        # A reserve below the disk's size, so that uploads are stored before they stop.
-        with serving(base / "diskfull", figures,
-                     {"STORAGE_URL": f"file://{mount}/images", "MIN_FREE_SPACE": "8M"}) as service:
+        with serve(mount) as service:
             filler = DiskFiller(service, service.token("filler"), figures)
-            full = filler.fill(big_image, "fill")
-            stored, temp = len(filler.created), len(incoming(service.store))
-            health, _ = filler.recover(1, small_image)
-            figures.notes.insert(0, f"{how}; {stored} images of {len(big_image) >> 20} MiB "
-                                    f"stored, then {full} x 507; temporary files when full: "
-                                    f"{temp}; healthz when full: {health}")
+            figures.notes.insert(0, fill(filler, mount, how))
             filler.verify()
+
+
+def scenario_diskfull(figures, base, big_image, small_image, kind="tmpfs"):
+    """The store (not the database) on a small filesystem, filled by uploads."""
+
+    def serve(mount):
+        # A reserve below the disk's size, so that uploads are stored before they stop.
+        return serving(base / "diskfull", figures,
+                       {"STORAGE_URL": f"file://{mount}/images", "MIN_FREE_SPACE": "8M"})
+
+    def fill(filler, mount, how):
+        full = filler.fill(big_image, "fill")
+        stored, temp = len(filler.created), len(incoming(filler.service.store))
+        health, _ = filler.recover(1, small_image)
+        return (f"{how}; {stored} images of {len(big_image) >> 20} MiB stored, then {full} x "
+                f"507; temporary files when full: {temp}; healthz when full: {health}")
+
+    on_small_disk(figures, base / "diskfull-store", kind, serve, fill)
 
 
 # --- scenario: database and store on a full disk ----------------------------------------
@@ -725,24 +675,23 @@ def take_the_rest(path):
 
 def scenario_dbdiskfull(figures, base, big_image, small_image, kind="tmpfs"):
     """The whole instance folder, SQLite database and store, on the small filesystem."""
-    with small_filesystem(base / "dbdiskfull-fs", 64, kind) as (mount, how):
-        if mount is None:
-            figures.skipped = how
-            return
-        with serving(mount / "instance", figures, {"MIN_FREE_SPACE": "8M"},
-                     log_path=base / "dbdiskfull-gunicorn.log") as service:
-            filler = DiskFiller(service, service.token("filler"), figures)
-            # Big images first, then small ones into what is left; then the last bytes go to
-            # a file of someone else's, as a log or another program takes them on a real
-            # disk: uploads alone leave what a commit needed.
-            full = filler.fill(big_image, "big") + filler.fill(small_image, "small")
-            stored, left = len(filler.created), take_the_rest(mount / "someone-else")
-            when_full, after = filler.recover(3, small_image)
-            figures.notes.insert(0, f"{how} holding database and store; {stored} images "
-                                    f"stored, then {full} x 507; the last {left >> 10} KiB "
-                                    f"taken by another file; healthz when full: "
-                                    f"{when_full}; after 3 deletes: {after}")
-            filler.verify()
+
+    def serve(mount):
+        return serving(mount / "instance", figures, {"MIN_FREE_SPACE": "8M"},
+                       log_path=base / "dbdiskfull-gunicorn.log")
+
+    def fill(filler, mount, how):
+        # Big images first, then small ones into what is left; then the last bytes go to a
+        # file of someone else's, as a log or another program takes them on a real disk:
+        # uploads alone leave what a commit needed.
+        full = filler.fill(big_image, "big") + filler.fill(small_image, "small")
+        stored, left = len(filler.created), take_the_rest(mount / "someone-else")
+        when_full, after = filler.recover(3, small_image)
+        return (f"{how} holding database and store; {stored} images stored, then {full} x "
+                f"507; the last {left >> 10} KiB taken by another file; healthz when full: "
+                f"{when_full}; after 3 deletes: {after}")
+
+    on_small_disk(figures, base / "dbdiskfull-fs", kind, serve, fill)
 
 
 # --- scenario: slow clients -------------------------------------------------------------

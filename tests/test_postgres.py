@@ -17,6 +17,7 @@ from playhouse.db_url import parse
 
 from app import create_app
 from auth import issue_token, parse_scopes
+from harness import run_flask
 from models import MODELS, Image, User, db
 
 pytestmark = needs_postgres
@@ -38,9 +39,7 @@ def flask_cli(database_url, tmp_path, *args):
     env = {**os.environ, "DATABASE_URL": database_url,
            "IMAGESTORE_INSTANCE": str(tmp_path / "instance")}
     env.pop("STORAGE_URL", None)
-    return subprocess.run([sys.executable, "-m", "flask", "--app", "app", *args], cwd=ROOT,
-                          check=False,
-                          env=env, capture_output=True, text=True, timeout=60)
+    return run_flask(env, *args, check=False, timeout=60)
 
 
 def heroku_style(url):

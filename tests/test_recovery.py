@@ -7,8 +7,9 @@ import sys
 import threading
 
 import pytest
-from conftest import ROOT, store_folder, stored_path
+from conftest import store_folder, stored_path
 
+from harness import run_flask
 from models import Image
 from queries import has_image_with_key, image_keys
 from recovery import orphan_keys, recover
@@ -134,9 +135,7 @@ def sweep_command(app, *args):
     env = {**os.environ, "DATABASE_URL": app.config["DATABASE_URL"],
            "STORAGE_URL": app.config["STORAGE_URL"], "SECRET_KEY": app.config["SECRET_KEY"],
            "IMAGESTORE_INSTANCE": app.instance_path}
-    return subprocess.run([sys.executable, "-m", "flask", "--app", "app", "sweep", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-                          check=True).stdout
+    return run_flask(env, "sweep", *args).stdout
 
 
 def test_sweep_spares_a_live_upload_between_put_and_commit(

@@ -8,7 +8,7 @@ from peewee import IntegrityError
 import images
 from auth import issue_token, parse_scopes
 from errors import ValidationError
-from models import Collaborator, Token, User, create_tables, db
+from models import Collaborator, Token, User, db
 from namespaces import check_visibility, ensure_namespace, find_namespace, parse_namespace_ref
 
 user_cli = AppGroup("user", help="Manage users.")
@@ -104,8 +104,11 @@ def add_collaborator(ref, username):
 @click.command("init-db")
 @with_appcontext
 def init_db():
-    """Create the tables and indexes (idempotent)."""
-    create_tables()
+    """Prepare the instance: WAL mode, tables and indexes, secret key, recovery (idempotent).
+
+    Loading the app for this command has done it all (app.prepare_instance); the Procfile's
+    release step and gunicorn's master (gunicorn.conf.py) run this before any worker starts.
+    """
     click.echo("database ready")
 
 

@@ -20,14 +20,18 @@ from playhouse.db_url import connect
 
 db = DatabaseProxy()
 
-# WAL lets readers go on while an upload commits; the busy timeout makes
-# concurrent writers from several gunicorn workers wait instead of failing.
+# Set on every connection. WAL, which lets readers go on while an upload commits, is not
+# here: it is kept in the file itself, and use_wal() sets it once per start.
 SQLITE_PRAGMAS = {
-    "journal_mode": "wal",
     "foreign_keys": 1,
-    "busy_timeout": 10000,
     "synchronous": "normal",
 }
+# Seconds a statement waits for another connection's lock before 'database is locked', so
+# concurrent writers from several gunicorn workers take turns. It is sqlite3's connect
+# timeout, not a pragma, so it holds from the connection's first statement on.
+SQLITE_BUSY_TIMEOUT = 10
+# Tries of use_wal(); each failed one waited for another connection to finish its write.
+WAL_ATTEMPTS = 10
 
 VISIBILITIES = ("private", "internal", "public")
 
@@ -150,10 +154,37 @@ def open_database(url):
     Query parameters go to the driver, e.g. ?sslmode=require for PostgreSQL;
     a percent-encoded user or password is decoded.
     """
-    options = {"pragmas": SQLITE_PRAGMAS} if url.startswith("sqlite") else {}
+    options = {"pragmas": SQLITE_PRAGMAS, "timeout": SQLITE_BUSY_TIMEOUT} \
+        if url.startswith("sqlite") else {}
     database = connect(url, unquote_password=True, unquote_user=True, **options)
     db.initialize(database)
     return database
+
+
+def use_wal():
+    """Put an SQLite database in WAL mode (kept in the file); nothing for PostgreSQL.
+
+    Switching takes a read lock, then the write lock; when another connection holds the
+    write lock meanwhile (another process switching the same new file, say), SQLite answers
+    'database is locked' at once instead of waiting its busy timeout, since waiting could
+    deadlock. So wait for that writer as SQLite does wait (BEGIN IMMEDIATE), and try again:
+    by then the file is usually in WAL mode already.
+    """
+    if not isinstance(db.obj, SqliteDatabase):
+        return
+    with db.connection_context():
+        for _ in range(WAL_ATTEMPTS):
+            try:
+                db.execute_sql("PRAGMA journal_mode = wal")
+                return
+            except peewee.OperationalError as error:
+                if "locked" not in str(error):
+                    raise
+            with db.atomic("IMMEDIATE"):
+                pass
+    raise peewee.OperationalError(
+        f"could not switch the database to WAL mode: another connection was writing "
+        f"each of {WAL_ATTEMPTS} times")
 
 
 def create_tables():

@@ -16,7 +16,8 @@ def create_app(test_config=None, instance_path=None, prepare=True):
     """Build the app: settings, database, storage, routes, error handlers, CLI.
 
     With prepare (the default) it also prepares the instance (prepare_instance); gunicorn's
-    workers pass prepare=False when their master has done that already (wsgi.py).
+    workers pass prepare=False when their master has done that already (wsgi.py), and only
+    clear up after a killed worker they may be replacing (recover_leftovers).
     """
     app = Flask(__name__, instance_path=instance_folder(instance_path))
     app.config.from_mapping(load_config(app.instance_path))
@@ -31,6 +32,8 @@ def create_app(test_config=None, instance_path=None, prepare=True):
         app.config["STORAGE_URL"], app.config["STAGING_DIR"], app.config["S3_REDIRECT_DOWNLOADS"])
     if prepare:
         prepare_instance(app)
+    else:
+        recover_leftovers(app)
 
     # Peewee connects on the first query of a request; this hands it back after.
     @app.teardown_request
@@ -60,3 +63,18 @@ def prepare_instance(app):
     create_tables()
     with db.connection_context():
         recover(app.extensions["storage"])
+
+
+def recover_leftovers(app):
+    """A worker's own pass at boot: put right what a killed worker it replaces left.
+
+    At the first start it finds nothing (the master's preparation came first). It only
+    reads the database, and a failure is logged, not fatal: one worker must not stop the
+    service over it, and the next start or `flask --app app sweep` does the same work.
+    """
+    try:
+        with db.connection_context():
+            recover(app.extensions["storage"])
+    except Exception:  # logged with its traceback; the worker serves on
+        app.logger.exception("recovery at worker start failed; the next start or "
+                             "`flask --app app sweep` will do it")

@@ -55,9 +55,10 @@ def prepare_instance(app):
     The SQLite file goes to WAL mode, missing tables and indexes are made, and what killed
     processes left (temporary files, half-done keys) is put right; the secret key was made
     by load_config. It is safe to repeat and to run in several processes at once, but it
-    belongs before the workers: gunicorn's master runs it as `flask --app app init-db`
-    (gunicorn.conf.py, on_starting), as does the Procfile's release step, and its workers
-    skip it. create_app runs it wherever no master did: tests, `flask run`, admin commands.
+    belongs before the workers: `flask --app app init-db` does it, which is the Procfile's
+    release step and what gunicorn's master runs before it forks (on_starting in
+    gunicorn.conf.py), and then the workers skip it. create_app runs it wherever no master
+    did: tests, `flask run`, admin commands.
     """
     use_wal()
     create_tables()

@@ -154,8 +154,9 @@ def open_database(url):
     Query parameters go to the driver, e.g. ?sslmode=require for PostgreSQL;
     a percent-encoded user or password is decoded.
     """
-    options = {"pragmas": SQLITE_PRAGMAS, "timeout": SQLITE_BUSY_TIMEOUT} \
-        if url.startswith("sqlite") else {}
+    options = {}
+    if url.startswith("sqlite"):
+        options = {"pragmas": SQLITE_PRAGMAS, "timeout": SQLITE_BUSY_TIMEOUT}
     database = connect(url, unquote_password=True, unquote_user=True, **options)
     db.initialize(database)
     return database

@@ -1,23 +1,26 @@
-"""The application factory."""
-
-import os
+"""The application factory, and the preparation of an instance before it serves."""
 
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from api import bp
 from cli import register_cli
-from config import load_config
+from config import instance_folder, load_config
 from errors import register_error_handlers
-from models import create_tables, db, open_database
+from models import create_tables, db, keep_wal, open_database, use_wal
 from queries import has_image_with_key
 from recovery import recover
 from storage import storage_from_url
 
 
-def create_app(test_config=None, instance_path=None):
-    """Build the app: settings, database, storage, routes, error handlers, CLI."""
-    app = Flask(__name__, instance_path=instance_path or os.environ.get("IMAGESTORE_INSTANCE"))
+def create_app(test_config=None, instance_path=None, prepare=True):
+    """Build the app: settings, database, storage, routes, error handlers, CLI.
+
+    With prepare (the default) it also prepares the instance (prepare_instance); gunicorn's
+    workers pass prepare=False when their master has done that already (wsgi.py), and only
+    clear up after a killed worker they may be replacing (recover_leftovers).
+    """
+    app = Flask(__name__, instance_path=instance_folder(instance_path))
     app.config.from_mapping(load_config(app.instance_path))
     app.config.update(test_config or {})
     # Werkzeug's own cap, for what it reads itself: a multipart form is parsed (spooled to
@@ -26,13 +29,13 @@ def create_app(test_config=None, instance_path=None):
     app.json.sort_keys = False
 
     open_database(app.config["DATABASE_URL"])
-    create_tables()
-    store = storage_from_url(app.config["STORAGE_URL"], app.config["STAGING_DIR"],
-                             app.config["S3_REDIRECT_DOWNLOADS"])
-    with db.connection_context():
-        # what a killed worker left: temporary files, half-done keys
-        recover(store, has_image_with_key)
-    app.extensions["storage"] = store
+    app.extensions["storage"] = storage_from_url(
+        app.config["STORAGE_URL"], app.config["STAGING_DIR"], app.config["S3_REDIRECT_DOWNLOADS"])
+    if prepare:
+        prepare_instance(app)
+    else:
+        recover_leftovers(app)
+    keep_wal(db.obj)  # every serving process holds the WAL open: a full disk (models.py)
 
     # Peewee connects on the first query of a request; this hands it back after.
     @app.teardown_request
@@ -46,3 +49,35 @@ def create_app(test_config=None, instance_path=None):
     register_cli(app)
     app.register_blueprint(bp)
     return app
+
+
+def prepare_instance(app):
+    """Make app's instance ready to serve: once per start, before any worker serves.
+
+    The SQLite file goes to WAL mode, missing tables and indexes are made, and what killed
+    processes left (temporary files, half-done keys) is put right; the secret key was made
+    by load_config. It is safe to repeat and to run in several processes at once, but it
+    belongs before the workers: `flask --app app init-db` does it, which is the Procfile's
+    release step and what gunicorn's master runs before it forks (on_starting in
+    gunicorn.conf.py), and then the workers skip it. create_app runs it wherever no master
+    did: tests, `flask run`, admin commands.
+    """
+    use_wal()
+    create_tables()
+    with db.connection_context():
+        recover(app.extensions["storage"], has_image_with_key)
+
+
+def recover_leftovers(app):
+    """A worker's own pass at boot: put right what a killed worker it replaces left.
+
+    At the first start it finds nothing (the master's preparation came first). It only
+    reads the database, and a failure is logged, not fatal: one worker must not stop the
+    service over it, and the next start or `flask --app app sweep` does the same work.
+    """
+    try:
+        with db.connection_context():
+            recover(app.extensions["storage"], has_image_with_key)
+    except Exception:  # logged with its traceback; the worker serves on
+        app.logger.exception("recovery at worker start failed; the next start or "
+                             "`flask --app app sweep` will do it")

@@ -13,7 +13,6 @@ from models import (
     Namespace,
     Token,
     User,
-    create_tables,
     write_transaction,
 )
 from namespaces import MAX_USERNAME, USERNAME, ensure_namespace, find_namespace, parse_namespace_ref
@@ -195,8 +194,11 @@ def add_collaborator(ref, username):
 @click.command("init-db")
 @with_appcontext
 def init_db():
-    """Create the tables and indexes (idempotent)."""
-    create_tables()
+    """Prepare the instance: WAL mode, tables and indexes, secret key, recovery (idempotent).
+
+    Loading the app for this command has done it all (app.prepare_instance); the Procfile's
+    release step and gunicorn's master (gunicorn.conf.py) run this before any worker starts.
+    """
     click.echo("database ready")
 
 

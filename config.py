@@ -1,10 +1,24 @@
 """Configuration: read from the environment once, in one place."""
 
+import contextlib
 import os
 import re
 import secrets
+import tempfile
+
+import click
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+# Shortest signing key accepted: 32 characters of token_urlsafe carry 192 random bits. A
+# made key has 64 (48 random bytes).
+MIN_SECRET_KEY_LENGTH = 32
+SECRET_KEY_FILE = "secret_key"
+
+
+class ConfigError(click.ClickException):
+    """A setting the service refuses to start with; `flask` shows it as one line, no traceback."""
 
 
 def parse_size(text):
@@ -28,24 +42,85 @@ def _positive(value, name):
     return number
 
 
+def instance_folder(path=None, environ=None):
+    """The instance folder as an absolute path: `path`, else IMAGESTORE_INSTANCE, each taken
+    relative to the current directory (Flask refuses a relative one); None for Flask's
+    default, `instance` beside app.py."""
+    env = os.environ if environ is None else environ
+    path = path or env.get("IMAGESTORE_INSTANCE")
+    return os.path.abspath(path) if path else None
+
+
+def prepared_by_master(environ=None):
+    """Whether gunicorn's master has prepared the instance for this start: its on_starting
+    hook (gunicorn.conf.py) sets IMAGESTORE_PREPARED=1, and the workers it forks inherit it."""
+    env = os.environ if environ is None else environ
+    return env.get("IMAGESTORE_PREPARED") == "1"
+
+
+def _checked_key(key, source, advice):
+    """key, unless it is too short to sign links with."""
+    length = len(key.strip())
+    if length < MIN_SECRET_KEY_LENGTH:
+        found = "is empty" if length == 0 else f"has only {length} characters"
+        raise ConfigError(f"{source} {found}; a signing key needs at least "
+                          f"{MIN_SECRET_KEY_LENGTH}: {advice}")
+    return key
+
+
 def _secret_key(instance_path):
     """Make a secret once and keep it in the instance folder, so links survive restarts."""
-    path = os.path.join(instance_path, "secret_key")
+    path = os.path.join(instance_path, SECRET_KEY_FILE)
+    if not os.path.exists(path):
+        _write_new_key(path)
+    with open(path) as f:
+        key = f.read().strip()
+    return _checked_key(key, path, "most likely it was never written whole (a full disk, a "
+                                   "crash); delete it to have a new key made (links signed "
+                                   "with the old one stop working), or set SECRET_KEY")
+
+
+def _write_new_key(path):
+    """Write a new key at path so that it appears whole or not at all.
+
+    The key goes to a temporary file in the same folder, reaches the disk, and only then is
+    linked under its name; a link never replaces a file, so of several processes starting
+    at once the first one's key stands and all of them read it.
+    """
+    folder = os.path.dirname(path)
     try:
-        with open(path) as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        pass
-    key = secrets.token_urlsafe(48)
-    # O_EXCL: when two workers start together, one writes and both read the same key.
+        fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{SECRET_KEY_FILE}.")  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48))
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(temp, path)
+        finally:
+            os.unlink(temp)
+        _fsync_folder(folder)
+    except OSError as error:
+        raise ConfigError(f"could not write a new secret key to {path}: {error}") from None
+
+
+def _fsync_folder(folder):
+    """Make a new name in folder last through a power cut."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        with open(path) as f:
-            return f.read().strip()
-    with os.fdopen(fd, "w") as f:
-        f.write(key)
-    return key
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _configured_key(env, instance_path):
+    """SECRET_KEY when set (checked), else the key kept in the instance folder."""
+    if "SECRET_KEY" not in env:
+        return _secret_key(instance_path)
+    return _checked_key(env["SECRET_KEY"], "SECRET_KEY",
+                        "set it to a longer random string (python3 -c 'import secrets; "
+                        "print(secrets.token_urlsafe(48))'), or unset it to have a key "
+                        "made and kept in the instance folder")
 
 
 def load_config(instance_path, environ=None):
@@ -56,7 +131,7 @@ def load_config(instance_path, environ=None):
         "DATABASE_URL": env.get("DATABASE_URL")
         or "sqlite:///" + os.path.join(instance_path, "imagestore.sqlite3"),
         "STORAGE_URL": env.get("STORAGE_URL") or "file://" + os.path.join(instance_path, "images"),
-        "SECRET_KEY": env.get("SECRET_KEY") or _secret_key(instance_path),
+        "SECRET_KEY": _configured_key(env, instance_path),
         "MAX_IMAGE_SIZE": parse_size(env.get("MAX_IMAGE_SIZE", "20G")),
         "MAX_VIRTUAL_SIZE": parse_size(env.get("MAX_VIRTUAL_SIZE", "2T")),
         "PUBLIC_URL": (env.get("PUBLIC_URL") or "").rstrip("/") or None,

@@ -49,3 +49,24 @@ forwarder_headers = ""
 # gunicorn 27's control socket has one default path per user; several instances on
 # one machine (tests, or two services side by side) would take it from each other.
 control_socket_disable = True
+
+
+def on_starting(server):
+    """Prepare the instance once, here in the master, before any worker is forked.
+
+    Workers doing it themselves all at once on a new instance could fail ('database is
+    locked'), and one worker failing to boot stops gunicorn. It runs the release step,
+    `flask --app app init-db`, as a child process so that the master imports none of the
+    app (kill -HUP still loads new code); if that fails, gunicorn stops with its message.
+    The workers inherit IMAGESTORE_PREPARED and leave the preparation alone (wsgi.py).
+    """
+    import subprocess
+    import sys
+
+    app_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "app.py")
+    command = [sys.executable, "-m", "flask", "--app", app_file, "init-db"]
+    returncode = subprocess.run(command, check=False).returncode
+    if returncode != 0:
+        raise RuntimeError(f"flask --app app init-db failed (exit status {returncode}), "
+                           "so the instance is not ready to serve")
+    os.environ["IMAGESTORE_PREPARED"] = "1"

@@ -21,18 +21,22 @@ from playhouse.db_url import connect
 
 db = DatabaseProxy()
 
-# WAL lets readers go on while an upload commits; the busy timeout makes
-# concurrent writers from several gunicorn workers wait instead of failing.
+# Set on every connection. WAL, which lets readers go on while an upload commits, is not
+# here: it is kept in the file itself, and use_wal() sets it once per start.
 SQLITE_PRAGMAS = {
-    "journal_mode": "wal",
     "foreign_keys": 1,
-    "busy_timeout": 10000,
     "synchronous": "normal",
     # Copy every commit into the database file at once, while there is room for it: on a
     # full disk the next write (a delete) then reuses the WAL from its start instead of
     # growing it, and the file has no pages left to grow by (keep_wal below).
     "wal_autocheckpoint": 1,
 }
+# Seconds a statement waits for another connection's lock before 'database is locked', so
+# concurrent writers from several gunicorn workers take turns. It is sqlite3's connect
+# timeout, not a pragma, so it holds from the connection's first statement on.
+SQLITE_BUSY_TIMEOUT = 10
+# Tries of use_wal(); each failed one waited for another connection to finish its write.
+WAL_ATTEMPTS = 10
 
 VISIBILITIES = ("private", "internal", "public")
 
@@ -155,7 +159,9 @@ def open_database(url):
     Query parameters go to the driver, e.g. ?sslmode=require for PostgreSQL;
     a percent-encoded user or password is decoded.
     """
-    options = {"pragmas": SQLITE_PRAGMAS} if url.startswith("sqlite") else {}
+    options = {}
+    if url.startswith("sqlite"):
+        options = {"pragmas": SQLITE_PRAGMAS, "timeout": SQLITE_BUSY_TIMEOUT}
     database = connect(url, unquote_password=True, unquote_user=True, **options)
     db.initialize(database)
     return database
@@ -172,8 +178,8 @@ def keep_wal(database):
     """Hold a connection to database open, if it is a SQLite file (see above); None lets
     go of the one held.
 
-    Called once the file has tables: a connection that has only seen an empty file has
-    not opened the WAL yet, and does not keep it.
+    Called (by create_app) once the file has tables and is in WAL mode: a connection that
+    has only seen an empty file has not opened the WAL yet, and does not keep it.
     """
     earlier = _WAL_KEEPER.pop("connection", None)
     if earlier is not None:
@@ -184,6 +190,32 @@ def keep_wal(database):
         # A read opens the WAL, and leaves no transaction open that would stop checkpoints.
         keeper.execute("SELECT count(*) FROM sqlite_master").fetchall()
         _WAL_KEEPER["connection"] = keeper
+
+
+def use_wal():
+    """Put an SQLite database in WAL mode (kept in the file); nothing for PostgreSQL.
+
+    Switching takes a read lock, then the write lock; when another connection holds the
+    write lock meanwhile (another process switching the same new file, say), SQLite answers
+    'database is locked' at once instead of waiting its busy timeout, since waiting could
+    deadlock. So wait for that writer as SQLite does wait (BEGIN IMMEDIATE), and try again:
+    by then the file is usually in WAL mode already.
+    """
+    if not isinstance(db.obj, SqliteDatabase):
+        return
+    with db.connection_context():
+        for _ in range(WAL_ATTEMPTS):
+            try:
+                db.execute_sql("PRAGMA journal_mode = wal")
+                return
+            except peewee.OperationalError as error:
+                if "locked" not in str(error):
+                    raise
+            with db.atomic("IMMEDIATE"):
+                pass
+    raise peewee.OperationalError(
+        f"could not switch the database to WAL mode: another connection was writing "
+        f"each of {WAL_ATTEMPTS} times")
 
 
 def create_tables():
@@ -201,7 +233,6 @@ def create_tables():
                 db.create_tables(MODELS, safe=True)
         else:
             db.create_tables(MODELS, safe=True)
-    keep_wal(db.obj)
 
 
 def write_transaction():

@@ -33,6 +33,9 @@ from harness import procfile_command as procfile_command  # noqa: E402
 from localstore import LocalStorage  # noqa: E402
 from models import User  # noqa: E402
 
+# Long enough for the rule that refuses short signing keys (config.py).
+TEST_SECRET_KEY = "test-secret-key-of-the-test-suite-0123456789"
+
 pytest_plugins = PLUGINS
 
 
@@ -59,7 +62,7 @@ def make_app(database_url, tmp_path):
                 "TESTING": True,
                 "DATABASE_URL": database_url,
                 "STORAGE_URL": f"file://{tmp_path / 'images'}",
-                "SECRET_KEY": "test-secret",
+                "SECRET_KEY": TEST_SECRET_KEY,
                 **config,
             },
             instance_path=str(tmp_path / "instance"),

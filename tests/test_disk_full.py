@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import sample_images
-from conftest import ALL_SCOPES, start_server, stop_server
+from conftest import ALL_SCOPES, TEST_SECRET_KEY, start_server, stop_server
 from peewee import OperationalError
 
 from app import create_app
@@ -106,7 +106,7 @@ class FullDiskApp:
 
 def build_app(database_disk, storage_disk):
     """An app with its database on one disk and its store on another (or the same)."""
-    app = create_app({"TESTING": True, "SECRET_KEY": "test-secret",
+    app = create_app({"TESTING": True, "SECRET_KEY": TEST_SECRET_KEY,
                       "DATABASE_URL": f"sqlite:///{database_disk / 'imagestore.sqlite3'}",
                       "STORAGE_URL": f"file://{storage_disk / 'images'}",
                       "MIN_FREE_SPACE": RESERVE},

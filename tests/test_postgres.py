@@ -12,7 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
-from conftest import ROOT, SCHEMA_PREFIX, needs_postgres
+from conftest import ROOT, SCHEMA_PREFIX, TEST_SECRET_KEY, needs_postgres
 from playhouse.db_url import parse
 
 from app import create_app
@@ -51,7 +51,7 @@ def heroku_style(url):
 def pg_app(pg_database_url, tmp_path):
     return create_app({"TESTING": True, "DATABASE_URL": pg_database_url,
                        "STORAGE_URL": f"file://{tmp_path / 'images'}",
-                       "SECRET_KEY": "test-secret"}, instance_path=str(tmp_path / "instance"))
+                       "SECRET_KEY": TEST_SECRET_KEY}, instance_path=str(tmp_path / "instance"))
 
 
 def test_init_db_creates_the_tables_and_can_run_again(pg_schemas, tmp_path):

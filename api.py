@@ -12,7 +12,7 @@ from auth import require_scope
 from diskspace import check_room_for_upload, parts_short_of_space
 from downloads import DISK_TYPES, JSON, file_response, negotiate
 from errors import ApiError, ValidationError, disk_full, not_found
-from links import link_matches, parse_expires_in, read_link, sign_link
+from links import link_matches, parse_expires_in, qemu_fields, read_link, sign_link
 from models import db
 from qcow2 import ImageRefused, inspect_qcow2
 from representations import image_json, last_modified, rfc3339
@@ -138,7 +138,7 @@ def create_link(image_id):
     image = readable_image(g.user, image_id)
     token, expires_at = sign_link(current_app.config["SECRET_KEY"], image, expires_in)
     url = f"{base_url()}/links/{token}/{image.name}.qcow2"
-    return jsonify(url=url, expires_at=rfc3339(expires_at)), 201
+    return jsonify(url=url, expires_at=rfc3339(expires_at), **qemu_fields(url)), 201
 
 
 @bp.get("/links/<token>/<filename>")

@@ -34,10 +34,10 @@ worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS")
 # Only a worker that stops answering its heartbeat for this long is restarted.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = 30
-# Keep-alive stays on: QEMU's curl driver, reading an image through a signed link,
-# hangs now and then when the server closes the connection after each answer
-# (4 to 6 of 30 `qemu-img convert` runs here; none of 30 with keep-alive). An idle
-# kept-alive connection holds a slot but no thread, and only for these seconds.
+# Seconds an idle connection is kept for the client's next request; it holds a slot but
+# no thread meanwhile. QEMU reading a signed link opens a new connection when it finds
+# its idle one closed. qemu-img's hangs over HTTP come from QEMU itself, not from this
+# close, and were the same with 0, 5 and 75 here (docs/downloads.md).
 keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))
 accesslog = "-"
 # The app alone decides whether X-Forwarded-Proto/-Host count (TRUST_PROXY_HEADERS,

@@ -1,5 +1,6 @@
 """Signed links (POST /images/:id/links): who may make one, what it serves, when it dies."""
 
+import json
 import time
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -42,11 +43,36 @@ def test_create_link(client, alice, image, query, seconds):
     created = make_link(client, alice, image["id"], **query)
     after = int(time.time())
     assert created.status_code == 201
-    assert set(created.json) == {"url", "expires_at"}
+    assert set(created.json) == {"url", "expires_at", "qemu_json", "qemu_img_args", "qemu_args"}
     url = urlsplit(created.json["url"])
     assert (url.scheme, url.netloc) == ("http", "localhost")
     assert url.path.startswith("/links/") and url.path.endswith("/go-dev.qcow2")
     assert before + seconds <= expiry(created).timestamp() <= after + seconds
+
+
+def test_link_answer_gives_ready_qemu_lines(client, alice, image):
+    created = make_link(client, alice, image["id"]).json
+    url = created["url"]
+    assert created["qemu_json"].startswith("json:")
+    assert json.loads(created["qemu_json"].removeprefix("json:")) == {
+        "driver": "qcow2",
+        "file": {"driver": "http", "url": url, "timeout": 60, "readahead": 262144}}
+    assert created["qemu_img_args"] == ["convert", "-m", "1", "-f", "qcow2",
+                                        created["qemu_json"]]
+    assert created["qemu_args"] == [
+        "-drive", f"driver=qcow2,file.driver=http,file.url={url},file.timeout=60,"
+                  "file.readahead=262144,if=virtio,snapshot=on"]
+
+
+def test_qemu_lines_follow_an_https_public_url(make_app, alice, image):
+    """The curl driver's name must match the scheme; a comma is doubled in a -drive string."""
+    client = make_app(PUBLIC_URL="https://store.example.com/a,b").test_client()
+    created = make_link(client, alice, image["id"]).json
+    assert created["url"].startswith("https://store.example.com/a,b/links/")
+    assert json.loads(created["qemu_json"].removeprefix("json:"))["file"]["driver"] == "https"
+    drive = created["qemu_args"][1]
+    assert drive.startswith("driver=qcow2,file.driver=https,")
+    assert "file.url=https://store.example.com/a,,b/links/" in drive
 
 
 @pytest.mark.parametrize("value", ["0", "604801", "abc", "-5", "1.5", "", " 60", "²",

@@ -81,9 +81,9 @@ class LocalStorage:
     def keys(self, older_than=0):
         """Keys of the stored files last changed more than older_than seconds ago."""
         limit = time.time() - older_than
-        with os.scandir(self.root) as entries:
+        with self._root_down("readable"), os.scandir(self.root) as entries:
             return [e.name.removesuffix(OBJECT_SUFFIX) for e in entries
-                    if e.name.endswith(OBJECT_SUFFIX) and e.stat().st_mtime <= limit]
+                    if e.name.endswith(OBJECT_SUFFIX) and _changed_before(e, limit)]
 
     def check_writable(self):
         """Raise OSError when the store cannot take a new file."""
@@ -97,3 +97,11 @@ class LocalStorage:
         """Remove what killed workers left in the staging folder, but for intents."""
         return self._staging.sweep()
 
+
+def _changed_before(entry, limit):
+    """Whether a folder entry was last changed before limit; one deleted meanwhile (a
+    racing DELETE during a sweep) was not, and is no orphan."""
+    try:
+        return entry.stat().st_mtime <= limit
+    except FileNotFoundError:
+        return False

@@ -174,3 +174,14 @@ def test_a_row_committed_while_the_sweep_lists_keeps_its_file(
     finally:
         held.finish()
     assert os.path.exists(stored_path(app, Image.get().storage_key))
+
+
+def test_a_file_deleted_while_the_sweep_lists_keys_is_no_orphan(tmp_path):
+    """A DELETE between the sweep's folder listing and its look at a file's age made
+    `keys()` raise FileNotFoundError, and `flask sweep` failed."""
+    from localstore import _changed_before
+
+    (tmp_path / "gone.qcow2").write_bytes(b"x")
+    (entry,) = list(os.scandir(tmp_path))
+    (tmp_path / "gone.qcow2").unlink()
+    assert _changed_before(entry, limit=float("inf")) is False

@@ -3,14 +3,17 @@
 
 Start with `bench/run` (it installs nginx, docker-registry, wrk and matplotlib when missing).
 Everything measured is started here on 127.0.0.1 and stopped at the end; files go to a
-temporary folder that is removed afterwards. Results: a table of ratios on stdout, and
+temporary folder that is removed afterwards. Results: a table of figures, ratios and goals
+(PASS/MISS) on stdout, with the command and the machine's load before and after, and
 bench/out/results.json, bench/out/report.md and bench/out/throughput.png (`--record` also
 copies the chart to docs/benchmarks-throughput.png).
 
-Each transfer figure is the median of several repetitions (with min and max), taken in
-turns between the servers; before each timed transfer the dirty pages are synced and a file
-of the same size is written and deleted, so that every server writes into warm page cache
-(docs/platform.md, "Measuring on these VMs").
+Each figure is the median of five repetitions (with min and max). imagestore and its
+reference take turns (A B, then B A, ...), and a ratio is given per pair of runs taken next
+to each other, as median [min-max], so that one noisy run can neither make nor break it.
+Before each timed transfer the dirty pages are synced and a file of the same size is written
+and deleted, so that every server writes into warm page cache (docs/platform.md, "Measuring
+on these VMs").
 """
 
 import argparse
@@ -914,7 +917,10 @@ def table(results):
     if "list" in results:
         rows += list_rows(results["list"])
     head = "| figure | imagestore | reference | ratio | goal |\n| --- | --- | --- | --- | --- |\n"
-    return head + "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
+    goals = [row[-1] for row in rows]
+    tally = (f"\nGoals: {sum(g.endswith('PASS') for g in goals)} PASS, "
+             f"{sum(g.endswith('MISS') for g in goals)} MISS\n")
+    return head + "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n" + tally
 
 
 def throughput_table(tr):

@@ -64,10 +64,11 @@ def settings(args):
     if args.quick:
         return {"sizes": [8 * MiB, 32 * MiB], "reps": args.reps or 1, "list_sizes": (1000, 5000),
                 "wrk_seconds": 1, "wrk_reps": args.reps or 1, "inspect_reps": 3,
-                "refusal_sizes": (256 * MiB, 4 * MiB)}
+                "refusal_sizes": (256 * MiB, 4 * MiB), "refusal_reps": args.reps or 2}
     return {"sizes": [16 * MiB, 64 * MiB, 256 * MiB, GiB], "reps": args.reps or 5,
             "list_sizes": (1000, 100_000), "wrk_seconds": 3, "wrk_reps": args.reps or 5,
-            "inspect_reps": 9, "refusal_sizes": (4 * GiB, 4 * MiB)}
+            "inspect_reps": 9, "refusal_sizes": (4 * GiB, 4 * MiB),
+            "refusal_reps": args.reps or 5}
 
 
 def human_size(n):
@@ -517,29 +518,35 @@ def bench_transfers(cfg, work, clients):
 REFUSAL_SECONDS_PER_GIB = 120  # a guard against a hang only: even a busy machine reads faster
 
 
-def bench_refusal(cfg, work, server, token):
-    """Hostile uploads (a VMDK descriptor, a qcow2 header with a backing file) with a large
-    and a small Content-Length, taking turns, page cache warmed for the body's size first.
+def refusal_pair_order(rep):
+    """Which body goes first in repetition rep: large, small in repetitions 1 and 2, small,
+    large in 3 and 4, and so on, so that each hostile kind (they alternate) gets both orders."""
+    return ("large", "small") if rep // 2 % 2 == 0 else ("small", "large")
 
-    Returns {kind: {"large" | "small": [Refusal as a dict, one per repetition]}}.
+
+def bench_refusal(cfg, work, server, token):
+    """Hostile uploads with a large and a small Content-Length, in pairs taking turns; the
+    kinds (a VMDK descriptor, a qcow2 header with a backing file) alternate between pairs.
+    The page cache is warmed for the body's size before each.
+
+    Returns {"kinds": [the kind of each pair], "large" | "small": [Refusal as a dict, with
+    its kind, one per pair]}.
     """
-    large, small = cfg["refusal_sizes"]
-    results = {}
-    for kind, head in refusal.hostile_heads(work).items():
-        runs = {"large": [], "small": []}
-        for rep in range(cfg["reps"]):
-            order = [("large", large), ("small", small)]
-            for label, length in order if rep % 2 == 0 else order[::-1]:
-                warm_page_cache(work, length)
-                timeout = 60 + REFUSAL_SECONDS_PER_GIB * length / GiB
-                got = refusal.send_hostile(server.url, token, head, length, timeout)
-                runs[label].append(dataclasses.asdict(got))
-            big, little = runs["large"][-1], runs["small"][-1]
-            print(f"    {kind}, rep {rep + 1}: {human_size(large)} body {big['status']} after "
-                  f"{big['seconds'] * 1e3:.0f} ms, {big['server_took'] / MiB:.1f} MiB taken; "
-                  f"{human_size(small)} body {little['status']} after "
-                  f"{little['seconds'] * 1e3:.0f} ms", flush=True)
-        results[kind] = runs
+    sizes = dict(zip(("large", "small"), cfg["refusal_sizes"], strict=True))
+    heads = list(refusal.hostile_heads(work).items())
+    results = {"kinds": [], "large": [], "small": []}
+    for rep in range(cfg["refusal_reps"]):
+        kind, head = heads[rep % len(heads)]
+        results["kinds"].append(kind)
+        for label in refusal_pair_order(rep):
+            warm_page_cache(work, sizes[label])
+            timeout = 60 + REFUSAL_SECONDS_PER_GIB * sizes[label] / GiB
+            got = refusal.send_hostile(server.url, token, head, sizes[label], timeout)
+            results[label].append({"kind": kind, **dataclasses.asdict(got)})
+        line = "; ".join(f"{human_size(sizes[label])} body {r['status']} after "
+                         f"{r['seconds'] * 1e3:.0f} ms, {r['server_took'] / MiB:.1f} MiB taken"
+                         for label in ("large", "small") for r in results[label][-1:])
+        print(f"    rep {rep + 1}, {kind}: {line}", flush=True)
     return results
 
 
@@ -836,26 +843,23 @@ def transfer_rows(tr):
 
 
 def refusal_rows(rf, sizes):
-    """Per hostile kind: time to the 400 and bytes read, large body against small."""
+    """Time to the answer and bytes taken, the large hostile body against the small one."""
     large, small = (human_size(n) for n in sizes)
-    rows = []
-    for kind, runs in rf.items():
-        big, little = runs["large"], runs["small"]
-        statuses = sorted({str(r["status"]) for r in big + little})
-        secs = [[r["seconds"] for r in rs] for rs in (big, little)]
-        rows.append((f"refusal of a {kind}, {large} body: time to the answer "
-                     f"(HTTP {', '.join(statuses)})", fmt_ms(secs[0]),
-                     f"{small} body: {fmt_ms(secs[1])}", ratio(*secs),
-                     refusal_time_goal(*secs)))
-        for who, key in (("bytes the server took (TCP acked)", "server_took"),
-                         ("bytes the client sent", "client_sent")):
-            values = [[r[key] for r in rs] for rs in (big, little)]
-            goal = (f"worst ≤ 64 MiB: {verdict(max(values[0]) <= 64 * MiB)}"
-                    if key == "server_took" else "—")
-            rows.append((f"refusal of a {kind}, {large} body: {who}",
-                         fmt_spread(values[0], 1 / MiB, " MiB", 1),
-                         f"{small} body: {fmt_spread(values[1], 1 / MiB, ' MiB', 1)}", "—",
-                         goal))
+    big, little = rf["large"], rf["small"]
+    kinds = " or ".join(dict.fromkeys(rf["kinds"]))
+    statuses = ", ".join(sorted({str(r["status"]) for r in big + little}))
+    secs = [[r["seconds"] for r in runs] for runs in (big, little)]
+    rows = [(f"refusal of a hostile {large} body ({kinds}, in turns): time to the answer "
+             f"(HTTP {statuses})", fmt_ms(secs[0]), f"{small} body: {fmt_ms(secs[1])}",
+             ratio(*secs), refusal_time_goal(*secs))]
+    for who, key in (("bytes the server took (TCP acked)", "server_took"),
+                     ("bytes the client sent", "client_sent")):
+        values = [[r[key] for r in runs] for runs in (big, little)]
+        goal = (f"worst ≤ 64 MiB: {verdict(max(values[0]) <= 64 * MiB)}"
+                if key == "server_took" else "—")
+        rows.append((f"refusal of a hostile {large} body: {who}",
+                     fmt_spread(values[0], 1 / MiB, " MiB", 1),
+                     f"{small} body: {fmt_spread(values[1], 1 / MiB, ' MiB', 1)}", "—", goal))
     return rows
 
 

@@ -3,18 +3,22 @@
 
 Start with `bench/run` (it installs nginx, docker-registry, wrk and matplotlib when missing).
 Everything measured is started here on 127.0.0.1 and stopped at the end; files go to a
-temporary folder that is removed afterwards. Results: a table of ratios on stdout, and
+temporary folder that is removed afterwards. Results: a table of figures, ratios and goals
+(PASS/MISS) on stdout, with the command and the machine's load before and after, and
 bench/out/results.json, bench/out/report.md and bench/out/throughput.png (`--record` also
 copies the chart to docs/benchmarks-throughput.png).
 
-Each transfer figure is the median of several repetitions (with min and max), taken in
-turns between the servers; before each timed transfer the dirty pages are synced and a file
-of the same size is written and deleted, so that every server writes into warm page cache
-(docs/platform.md, "Measuring on these VMs").
+Each figure is the median of five repetitions (with min and max). imagestore and its
+reference take turns (A B, then B A, ...), and a ratio is given per pair of runs taken next
+to each other, as median [min-max], so that one noisy run can neither make nor break it.
+Before each timed transfer the dirty pages are synced and a file of the same size is written
+and deleted, so that every server writes into warm page cache (docs/platform.md, "Measuring
+on these VMs").
 """
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -34,6 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 DOCS_CHART = ROOT / "docs" / "benchmarks-throughput.png"
 sys.path.insert(0, str(ROOT))  # the project's modules, for inspection and the list page
+import refusal  # noqa: E402 - bench/refusal.py, next to this script
+
 from harness import (  # noqa: E402 - found through the line above
     child_pids,
     free_port,
@@ -57,9 +63,12 @@ def settings(args):
     """Sizes, repetitions and durations for a full or a --quick run."""
     if args.quick:
         return {"sizes": [8 * MiB, 32 * MiB], "reps": args.reps or 1, "list_sizes": (1000, 5000),
-                "wrk_seconds": 1, "wrk_reps": 1, "inspect_reps": 3}
+                "wrk_seconds": 1, "wrk_reps": args.reps or 1, "inspect_reps": 3,
+                "refusal_sizes": (256 * MiB, 4 * MiB), "refusal_reps": args.reps or 2}
     return {"sizes": [16 * MiB, 64 * MiB, 256 * MiB, GiB], "reps": args.reps or 5,
-            "list_sizes": (1000, 100_000), "wrk_seconds": 5, "wrk_reps": 3, "inspect_reps": 9}
+            "list_sizes": (1000, 100_000), "wrk_seconds": 3, "wrk_reps": args.reps or 5,
+            "inspect_reps": 9, "refusal_sizes": (4 * GiB, 4 * MiB),
+            "refusal_reps": args.reps or 5}
 
 
 def human_size(n):
@@ -408,63 +417,136 @@ class RssWatch:
         return True
 
 
+def proc_stat(pids, *indexes):
+    """Sums of /proc/PID/stat fields (numbered as in proc(5)) over these processes; each
+    field counts all of a process's threads."""
+    totals = [0] * len(indexes)
+    for pid in pids:
+        # Fields after the command name, which is in parentheses and may hold spaces.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        for i, index in enumerate(indexes):
+            totals[i] += int(fields[index - 3])
+    return totals
+
+
 def cpu_seconds(pids):
     """User + system CPU time used so far by these processes (all their threads)."""
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
+    utime, stime = proc_stat(pids, 14, 15)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def minor_faults(pids):
+    """Minor page faults of these processes so far (minflt: a page mapped without disk I/O,
+    such as a fresh page of a new buffer being zeroed)."""
+    return proc_stat(pids, 10)[0]
 
 
 def timed(client, action, args, results, way, watch_memory):
-    """Run one transfer; note its rate, the server's CPU per GiB and (maybe) memory growth."""
+    """Run one transfer; note its rate, the server's CPU and minor page faults per GiB, and
+    (maybe) the workers' peak RSS growth."""
     pids = client.pids()
-    before = cpu_seconds(pids)
+    cpu_before, faults_before = cpu_seconds(pids), minor_faults(pids)
     with RssWatch(pids) if watch_memory else contextlib.nullcontext() as watch:
         seconds, nbytes = action(*args)
     results[way].append(nbytes / seconds)
-    results[f"{way}_cpu"].append((cpu_seconds(pids) - before) / nbytes * GiB)
+    results[f"{way}_cpu"].append((cpu_seconds(pids) - cpu_before) / nbytes * GiB)
+    results[f"{way}_faults"].append((minor_faults(pids) - faults_before) / nbytes * GiB)
     if watch_memory:
         results[f"{way}_memory"].append(watch.growth)
+
+
+def turn_order(clients, rep):
+    """Who goes in repetition rep: imagestore and nginx take turns going first (A B, B A,
+    ...), always next to each other, so each pair of runs saw the same machine; the
+    registry, a second reference, goes last."""
+    first, second, *rest = clients
+    return [first, second, *rest] if rep % 2 == 0 else [second, first, *rest]
+
+
+RUN_KEYS = ("upload", "download", "upload_cpu", "download_cpu", "upload_faults",
+            "download_faults", "upload_memory", "download_memory")
+
+
+def transfer_reps(cfg, work, clients, path, digest, watch_memory):
+    """cfg["reps"] repetitions of upload then download of one file, with each server in
+    turn; the page cache is warmed before every timed transfer."""
+    nbytes = path.stat().st_size
+    runs = {c.name: {k: [] for k in RUN_KEYS} for c in clients}
+    for rep in range(cfg["reps"]):
+        order = turn_order(clients, rep)
+        for client in order:
+            client.remove()
+            warm_page_cache(work, nbytes)
+            watch = watch_memory and client.name == "imagestore"
+            timed(client, client.upload, (path, digest), runs[client.name], "upload", watch)
+        for client in order:
+            warm_page_cache(work, nbytes)
+            watch = watch_memory and client.name == "imagestore"
+            timed(client, client.download, (), runs[client.name], "download", watch)
+        line = "  ".join(f"{n} up {r['upload'][-1] / MiB:.0f} down "
+                         f"{r['download'][-1] / MiB:.0f}" for n, r in runs.items())
+        print(f"    rep {rep + 1} ({' '.join(c.name for c in order)}): {line} MiB/s",
+              flush=True)
+    return runs
 
 
 def bench_transfers(cfg, work, clients):
     """Upload and download each size with each server, in turns.
 
-    Returns, per size and server, the lists of rates (bytes/s), server CPU seconds per GiB
-    and, for imagestore at the largest size, the workers' peak RSS growth.
+    Returns, per size and server, the lists of rates (bytes/s), server CPU seconds and minor
+    page faults per GiB and, for imagestore at the largest size, the workers' peak RSS growth.
     """
     results = {"sizes": [], "servers": {c.name: [] for c in clients}, "disk_fsync": []}
     for size in cfg["sizes"]:
         path = make_qcow2(work / f"bench-{size}.qcow2", size)
         digest = sha256_file(path)
-        nbytes = path.stat().st_size
-        results["sizes"].append(nbytes)
-        print(f"  {human_size(size)} ({nbytes} bytes)", flush=True)
-        runs = {c.name: {k: [] for k in ("upload", "download", "upload_cpu", "download_cpu",
-                                         "upload_memory", "download_memory")} for c in clients}
-        last_size = size == cfg["sizes"][-1]
-        for rep in range(cfg["reps"]):
-            # Take turns: each server goes first in some repetitions.
-            order = clients[rep % len(clients):] + clients[:rep % len(clients)]
-            for client in order:
-                client.remove()
-                warm_page_cache(work, nbytes)
-                watch = last_size and client.name == "imagestore"
-                timed(client, client.upload, (path, digest), runs[client.name], "upload", watch)
-            for client in order:
-                warm_page_cache(work, nbytes)
-                watch = last_size and client.name == "imagestore"
-                timed(client, client.download, (), runs[client.name], "download", watch)
-            line = "  ".join(f"{n} up {r['upload'][-1] / MiB:.0f} down "
-                             f"{r['download'][-1] / MiB:.0f}" for n, r in runs.items())
-            print(f"    rep {rep + 1}: {line} MiB/s", flush=True)
+        results["sizes"].append(path.stat().st_size)
+        print(f"  {human_size(size)} ({path.stat().st_size} bytes)", flush=True)
+        runs = transfer_reps(cfg, work, clients, path, digest, size == cfg["sizes"][-1])
         for client in clients:
             client.remove()
             results["servers"][client.name].append(runs[client.name])
-        results["disk_fsync"].append([nbytes / disk_limit(work, size) for _ in range(3)])
+        results["disk_fsync"].append([path.stat().st_size / disk_limit(work, size)
+                                      for _ in range(3)])
         path.unlink()
+    return results
+
+
+# ---------------------------------------------------------------- early refusal
+
+
+REFUSAL_SECONDS_PER_GIB = 120  # a guard against a hang only: even a busy machine reads faster
+
+
+def refusal_pair_order(rep):
+    """Which body goes first in repetition rep: large, small in repetitions 1 and 2, small,
+    large in 3 and 4, and so on, so that each hostile kind (they alternate) gets both orders."""
+    return ("large", "small") if rep // 2 % 2 == 0 else ("small", "large")
+
+
+def bench_refusal(cfg, work, server, token):
+    """Hostile uploads with a large and a small Content-Length, in pairs taking turns; the
+    kinds (a VMDK descriptor, a qcow2 header with a backing file) alternate between pairs.
+    The page cache is warmed for the body's size before each.
+
+    Returns {"kinds": [the kind of each pair], "large" | "small": [Refusal as a dict, with
+    its kind, one per pair]}.
+    """
+    sizes = dict(zip(("large", "small"), cfg["refusal_sizes"], strict=True))
+    heads = list(refusal.hostile_heads(work).items())
+    results = {"kinds": [], "large": [], "small": []}
+    for rep in range(cfg["refusal_reps"]):
+        kind, head = heads[rep % len(heads)]
+        results["kinds"].append(kind)
+        for label in refusal_pair_order(rep):
+            warm_page_cache(work, sizes[label])
+            timeout = 60 + REFUSAL_SECONDS_PER_GIB * sizes[label] / GiB
+            got = refusal.send_hostile(server.url, token, head, sizes[label], timeout)
+            results[label].append({"kind": kind, **dataclasses.asdict(got)})
+        line = "; ".join(f"{human_size(sizes[label])} body {r['status']} after "
+                         f"{r['seconds'] * 1e3:.0f} ms, {r['server_took'] / MiB:.1f} MiB taken"
+                         for label in ("large", "small") for r in results[label][-1:])
+        print(f"    rep {rep + 1}, {kind}: {line}", flush=True)
     return results
 
 
@@ -597,6 +679,17 @@ def wrk(url, token, connections, seconds):
     return rps, float(value) * UNITS[unit]
 
 
+def list_rps(page_url, trivial_url, token, seconds, reps):
+    """Requests/s (wrk -c8) of the list page and of the trivial route, taking turns (each
+    goes first in every other repetition): {"list": [...], "trivial": [...]}."""
+    runs = {"trivial": [], "list": []}
+    order = [("trivial", trivial_url), ("list", page_url)]
+    for rep in range(reps):
+        for name, url in order if rep % 2 == 0 else order[::-1]:
+            runs[name].append(wrk(url, token, 8, seconds)[0])
+    return runs
+
+
 def bench_list(cfg, server, token):
     """Requests/s of the list page against the trivial route; latency of pages 1 and 40 as the
     store grows; SQL statements per list request."""
@@ -627,11 +720,8 @@ def bench_list(cfg, server, token):
                 url = f"{server.url}/images?page={page}"
                 results["latency"][f"{who}/{total}/{page}"] = [wrk(url, secret, 1, seconds)[1]
                                                                 for _ in range(reps)]
-        runs = {"trivial": [], "list": []}
-        for _ in range(reps):
-            runs["trivial"].append(wrk(trivial, token, 8, seconds)[0])
-            runs["list"].append(wrk(f"{server.url}/images?page=1", token, 8, seconds)[0])
-        results["rps"][str(total)] = runs
+        results["rps"][str(total)] = list_rps(f"{server.url}/images?page=1", trivial, token,
+                                              seconds, reps)
     return results
 
 
@@ -654,73 +744,139 @@ def machine():
             "versions": versions}
 
 
+def fmt_spread(values, scale=1.0, unit="", digits=0):
+    """median [min-max] of some measurements, scaled and with a unit."""
+    med, lo, hi = (v * scale for v in spread(values))
+    return f"{med:.{digits}f}{unit} [{lo:.{digits}f}-{hi:.{digits}f}]"
+
+
 def fmt_rate(values):
-    med, lo, hi = spread(values)
-    return f"{med / MiB:.0f} MiB/s ({lo / MiB:.0f}-{hi / MiB:.0f})"
+    return fmt_spread(values, 1 / MiB, " MiB/s")
 
 
 def fmt_ms(values):
-    med, lo, hi = spread(values)
-    return f"{med * 1e3:.2f} ms ({lo * 1e3:.2f}-{hi * 1e3:.2f})"
+    return fmt_spread(values, 1e3, " ms", 2)
 
 
 def fmt_cpu(values):
-    med, lo, hi = spread(values)
-    return f"{med:.2f} s ({lo:.2f}-{hi:.2f})"
+    return fmt_spread(values, 1.0, " s", 2)
+
+
+def fmt_faults(values):
+    return fmt_spread(values, 1.0, "")
+
+
+def pair_ratios(a, b):
+    """a[i] / b[i] for each pair of runs taken next to each other (pairs with b[i] == 0, a
+    transfer shorter than one CPU tick, left out)."""
+    return [x / y for x, y in zip(a, b, strict=True) if y]
 
 
 def ratio(a, b):
-    """median(a) / median(b); nan when b is 0 (a tiny transfer can take under one CPU tick)."""
+    """The ratio per pair of runs as median [min-max]; — when no pair has a ratio."""
+    ratios = pair_ratios(a, b)
+    return fmt_spread(ratios, 1.0, "", 2) if ratios else "—"
+
+
+def median_ratio(a, b):
+    """median(a) / median(b), for figures not measured in pairs; nan when b is 0."""
     below = statistics.median(b)
     return statistics.median(a) / below if below else float("nan")
 
 
 def verdict(ok):
-    return "met" if ok else "**missed**"
+    return "PASS" if ok else "MISS"
+
+
+def pair_goal(a, b, median_at_least, worst_at_least=None):
+    """The goal on the per-pair ratios: median at least so much (and the worst pair)."""
+    ratios = pair_ratios(a, b)
+    ok = bool(ratios) and statistics.median(ratios) >= median_at_least
+    text = f"median ≥ {median_at_least:.2f}"
+    if worst_at_least is not None:
+        ok = ok and min(ratios) >= worst_at_least
+        text += f", worst ≥ {worst_at_least:.2f}"
+    return f"{text}: {verdict(ok)}"
+
+
+TRANSFER_WAYS = {  # way: (imagestore's request, nginx's, the registry's)
+    "upload": ("`POST /images`", "nginx `PUT` (dav)", "registry blob upload"),
+    "download": ("`GET /images/:id`", "nginx static `GET`", "registry blob `GET`"),
+}
+
+
+def transfer_way_rows(tr, way, size):
+    """Rows of one way (upload or download) for the largest file: rates against nginx and
+    the registry, server CPU and minor page faults per GiB."""
+    mine, ngx, reg = (tr["servers"][n][-1] for n in SERVERS)
+    verb, to_nginx, to_registry = TRANSFER_WAYS[way]
+    rows = [(f"{way} {size}, {verb}", fmt_rate(mine[way]), f"{to_nginx}: {fmt_rate(ngx[way])}",
+             ratio(mine[way], ngx[way]), pair_goal(mine[way], ngx[way], 1.0, 0.9)),
+            (f"{way} {size}, {verb}", fmt_rate(mine[way]),
+             f"{to_registry}: {fmt_rate(reg[way])}", ratio(mine[way], reg[way]),
+             pair_goal(mine[way], reg[way], 1.0) if way == "upload" else "—")]
+    cpu, faults = f"{way}_cpu", f"{way}_faults"
+    rows.append((f"server CPU per GiB, {way}", fmt_cpu(mine[cpu]),
+                 f"nginx: {fmt_cpu(ngx[cpu])}; registry: {fmt_cpu(reg[cpu])}",
+                 ratio(mine[cpu], ngx[cpu]), "—"))
+    rows.append((f"worker minor page faults per GiB, {way}", fmt_faults(mine[faults]),
+                 f"nginx: {fmt_faults(ngx[faults])}", "—", "—"))
+    return rows
 
 
 def transfer_rows(tr):
-    """Rows for the largest file: rates, server CPU, memory, and the disk's own limit."""
+    """Rows for the largest file: rates, server CPU, page faults, memory, the disk's limit."""
     size = human_size(cfg_size(tr["sizes"][-1]))
-    mine, ngx, reg = (tr["servers"][n][-1] for n in SERVERS)
-    rows = []
-    for way, verb, nginx_goal, reg_goal in (
-            ("upload", "`POST /images`", 0.9, 1.0), ("download", "`GET /images/:id`", 0.95, None)):
-        what = {"upload": ("nginx `PUT` (dav)", "registry blob upload"),
-                "download": ("nginx static `GET`", "registry blob `GET`")}[way]
-        r = ratio(mine[way], ngx[way])
-        rows.append((f"{way} {size}, {verb}", fmt_rate(mine[way]),
-                     f"{what[0]}: {fmt_rate(ngx[way])}", f"{r:.2f}",
-                     f"≥ {nginx_goal:.2f}: {verdict(r >= nginx_goal)}"))
-        r = ratio(mine[way], reg[way])
-        rows.append((f"{way} {size}, {verb}", fmt_rate(mine[way]),
-                     f"{what[1]}: {fmt_rate(reg[way])}", f"{r:.2f}",
-                     f"> 1: {verdict(r > 1)}" if reg_goal else "—"))
-        cpu = f"{way}_cpu"
-        rows.append((f"server CPU per GiB, {way}", fmt_cpu(mine[cpu]),
-                     f"nginx: {fmt_cpu(ngx[cpu])}; registry: {fmt_cpu(reg[cpu])}",
-                     f"{ratio(mine[cpu], ngx[cpu]):.2f}", "—"))
-        if way == "upload":
-            disk = tr["disk_fsync"][-1]
-            rows.append((f"upload {size}: the disk's limit", fmt_rate(mine[way]),
-                         f"write + fsync of a file: {fmt_rate(disk)}",
-                         f"{ratio(mine[way], disk):.2f}", "—"))
+    mine = tr["servers"]["imagestore"][-1]
+    rows = transfer_way_rows(tr, "upload", size)
+    disk = tr["disk_fsync"][-1]
+    rows.append((f"upload {size}: the disk's limit", fmt_rate(mine["upload"]),
+                 f"write + fsync of a file: {fmt_rate(disk)}",
+                 f"{median_ratio(mine['upload'], disk):.2f}", "—"))
+    rows += transfer_way_rows(tr, "download", size)
     for way in ("upload", "download"):
-        med, lo, hi = spread(mine[f"{way}_memory"])
+        growth = mine[f"{way}_memory"]
         rows.append((f"worker peak RSS growth, {way} {size}",
-                     f"{med / MiB:.1f} MiB ({lo / MiB:.1f}-{hi / MiB:.1f})", "—", "—",
-                     f"< 32 MiB: {verdict(hi < 32 * MiB)}"))
+                     fmt_spread(growth, 1 / MiB, " MiB", 1), "—", "—",
+                     f"worst < 32 MiB: {verdict(max(growth) < 32 * MiB)}"))
     return rows
+
+
+def refusal_rows(rf, sizes):
+    """Time to the answer and bytes taken, the large hostile body against the small one."""
+    large, small = (human_size(n) for n in sizes)
+    big, little = rf["large"], rf["small"]
+    kinds = " or ".join(dict.fromkeys(rf["kinds"]))
+    statuses = ", ".join(sorted({str(r["status"]) for r in big + little}))
+    secs = [[r["seconds"] for r in runs] for runs in (big, little)]
+    rows = [(f"refusal of a hostile {large} body ({kinds}, in turns): time to the answer "
+             f"(HTTP {statuses})", fmt_ms(secs[0]), f"{small} body: {fmt_ms(secs[1])}",
+             ratio(*secs), refusal_time_goal(*secs))]
+    for who, key in (("bytes the server took (TCP acked)", "server_took"),
+                     ("bytes the client sent", "client_sent")):
+        values = [[r[key] for r in runs] for runs in (big, little)]
+        goal = (f"worst ≤ 64 MiB: {verdict(max(values[0]) <= 64 * MiB)}"
+                if key == "server_took" else "—")
+        rows.append((f"refusal of a hostile {large} body: {who}",
+                     fmt_spread(values[0], 1 / MiB, " MiB", 1),
+                     f"{small} body: {fmt_spread(values[1], 1 / MiB, ' MiB', 1)}", "—", goal))
+    return rows
+
+
+def refusal_time_goal(large, small):
+    """The large body is answered in about the time of the small one: median ratio ≤ 1.5."""
+    ratios = pair_ratios(large, small)
+    return f"median ≤ 1.50: {verdict(bool(ratios) and statistics.median(ratios) <= 1.5)}"
 
 
 def inspection_rows(ins):
     labels = list(ins)
     small, big, data = (ins[label] for label in labels)
-    r = ratio(big, small)
+    r = median_ratio(big, small)
     return [("inspection (`inspect_qcow2`), 16 GiB virtual", fmt_ms(big),
              f"16 MiB virtual: {fmt_ms(small)}", f"{r:.2f}", f"≈ 1 (≤ 1.5): {verdict(r <= 1.5)}"),
             (f"inspection, {labels[2]}", fmt_ms(data), f"16 MiB virtual: {fmt_ms(small)}",
-             f"{ratio(data, small):.2f}", "—")]
+             f"{median_ratio(data, small):.2f}", "—")]
 
 
 def list_rows(ls):
@@ -729,19 +885,19 @@ def list_rows(ls):
     for n in (small, big):
         runs = ls["rps"][n]
         rows.append((f"list page 1, bench sees {n} images: req/s (wrk -c8)",
-                     "{:.0f} ({:.0f}-{:.0f})".format(*spread(runs["list"])),
-                     "trivial JSON route: {:.0f} ({:.0f}-{:.0f})".format(
-                         *spread(runs["trivial"])),
-                     f"{ratio(runs['list'], runs['trivial']):.2f}", "—"))
+                     fmt_spread(runs["list"]),
+                     f"trivial JSON route: {fmt_spread(runs['trivial'])}",
+                     ratio(runs["list"], runs["trivial"]),
+                     pair_goal(runs["list"], runs["trivial"], 0.4)))
     for page in ("1", "40"):
         s = ls["sql"][big][page]
         rows.append((f"SQL queries per list request, page {page}", f"{s['queries']} queries "
                      f"(+ {s['pragmas']} PRAGMAs as each request opens its SQLite connection)",
-                     "—", "—", f"≤ 4: {verdict(s['queries'] <= 4)}"))
+                     "—", "—", f"≤ 3: {verdict(s['queries'] <= 3)}"))
     lat = ls["latency"]
     for page in ("1", "40"):
         a, b = lat[f"bench/{small}/{page}"], lat[f"bench/{big}/{page}"]
-        r = ratio(b, a)
+        r = median_ratio(b, a)
         rows.append((f"list page {page} latency (wrk -c1, median), bench sees {big}",
                      fmt_ms(b), f"bench sees {small}: {fmt_ms(a)}", f"{r:.2f}",
                      f"≤ 1.5: {verdict(r <= 1.5)}" if page == "1" else "—"))
@@ -749,7 +905,7 @@ def list_rows(ls):
         a, b = lat[f"bench/{small}/{page}"], lat[f"few/{big}/{page}"]
         rows.append((f"list page {page} latency, `few` sees {int(big) // 100} of the "
                      f"{int(big) * 111 // 100} images", fmt_ms(b),
-                     f"bench sees {small}: {fmt_ms(a)}", f"{ratio(b, a):.2f}", "—"))
+                     f"bench sees {small}: {fmt_ms(a)}", f"{median_ratio(b, a):.2f}", "—"))
     return rows
 
 
@@ -758,12 +914,17 @@ def table(results):
     rows = []
     if "transfers" in results:
         rows += transfer_rows(results["transfers"])
+    if "refusal" in results:
+        rows += refusal_rows(results["refusal"], results["settings"]["refusal_sizes"])
     if "inspection" in results:
         rows += inspection_rows(results["inspection"])
     if "list" in results:
         rows += list_rows(results["list"])
     head = "| figure | imagestore | reference | ratio | goal |\n| --- | --- | --- | --- | --- |\n"
-    return head + "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
+    goals = [row[-1] for row in rows]
+    tally = (f"\nGoals: {sum(g.endswith('PASS') for g in goals)} PASS, "
+             f"{sum(g.endswith('MISS') for g in goals)} MISS\n")
+    return head + "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n" + tally
 
 
 def throughput_table(tr):
@@ -825,34 +986,30 @@ def report(results, command):
 # ---------------------------------------------------------------- main
 
 
-def main():
+PARTS = ("transfers", "refusal", "inspection", "list")
+
+
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, 1 repetition")
-    parser.add_argument("--reps", type=int, help="repetitions of each transfer")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: small sizes, 1 repetition, 256 MiB hostile body")
+    parser.add_argument("--reps", type=int, help="repetitions of each figure (default 5)")
     parser.add_argument("--sizes", help="file sizes to transfer, e.g. 64M,1G (the last one is "
                         "the size of the table's figures)")
-    parser.add_argument("--only", choices=("transfers", "inspection", "list"), action="append",
+    parser.add_argument("--only", choices=PARTS, action="append",
                         help="run only these parts (repeatable)")
     parser.add_argument("--record", action="store_true",
                         help="also write the chart to " + str(DOCS_CHART.relative_to(ROOT)))
-    args = parser.parse_args()
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-    if missing:
-        sys.exit(f"missing {', '.join(missing)}: run bench/run, which installs them")
-    cfg = settings(args)
-    if args.sizes:
-        from config import parse_size
+    return parser.parse_args()
 
-        cfg["sizes"] = [parse_size(size) for size in args.sizes.split(",")]
-    for name in ("DATABASE_URL", "STORAGE_URL", "PUBLIC_URL", "SECRET_KEY"):
-        os.environ.pop(name, None)  # the benchmark's own instance, never a configured one
-    parts = args.only or ["transfers", "inspection", "list"]
-    command = "bench/run" + "".join(f" {a}" for a in sys.argv[1:])
-    OUT.mkdir(parents=True, exist_ok=True)
-    results = {"started": datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
-               "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
-               "machine": machine(), "settings": cfg}
-    began = time.monotonic()
+
+def loadavg():
+    """The machine's load average over 1, 5 and 15 minutes."""
+    return [f"{load:.2f}" for load in os.getloadavg()]
+
+
+def run_parts(cfg, parts, results):
+    """Start the servers and run the parts asked for; everything is stopped at the end."""
     with tempfile.TemporaryDirectory(prefix="imagestore-bench-") as tmp, \
             contextlib.ExitStack() as stack:
         work = Path(tmp)
@@ -865,25 +1022,55 @@ def main():
             clients = [Imagestore(store, token, work), Nginx(nginx), Registry(registry, work)]
             print("transfers (upload and download, MiB/s)", flush=True)
             results["transfers"] = bench_transfers(cfg, work, clients)
+        if "refusal" in parts:
+            print("early refusal of hostile uploads", flush=True)
+            results["refusal"] = bench_refusal(cfg, work, store, token)
         if "inspection" in parts:
             print("inspection", flush=True)
             results["inspection"] = bench_inspection(cfg, work)
         if "list" in parts:
             print("list page", flush=True)
             results["list"] = bench_list(cfg, store, token)
-    results["seconds"] = time.monotonic() - began
-    results["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+
+
+def write_outputs(results, record):
+    """results.json, report.md and the chart in bench/out (and the chart in docs/ when
+    recording); print the report."""
     (OUT / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    text = report(results, command)
+    text = report(results, results["command"])
     (OUT / "report.md").write_text(text)
     if "transfers" in results:
         chart(results["transfers"], OUT / "throughput.png")
-        if args.record:
+        if record:
             shutil.copyfile(OUT / "throughput.png", DOCS_CHART)
     print()
     print(text)
     print(f"written: {OUT.relative_to(ROOT)}/results.json, report.md"
-          + (", throughput.png" if "transfers" in results else ""))
+          + (", throughput.png" if "transfers" in results else "")
+          + (f"; {DOCS_CHART.relative_to(ROOT)}" if record and "transfers" in results else ""))
+
+
+def main():
+    args = parse_args()
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        sys.exit(f"missing {', '.join(missing)}: run bench/run, which installs them")
+    cfg = settings(args)
+    if args.sizes:
+        from config import parse_size
+
+        cfg["sizes"] = [parse_size(size) for size in args.sizes.split(",")]
+    for name in ("DATABASE_URL", "STORAGE_URL", "PUBLIC_URL", "SECRET_KEY"):
+        os.environ.pop(name, None)  # the benchmark's own instance, never a configured one
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = {"command": "bench/run" + "".join(f" {a}" for a in sys.argv[1:]),
+               "started": datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+               "loadavg_before": loadavg(), "machine": machine(), "settings": cfg}
+    began = time.monotonic()
+    run_parts(cfg, args.only or PARTS, results)
+    results["seconds"] = time.monotonic() - began
+    results["loadavg_after"] = loadavg()
+    write_outputs(results, args.record)
 
 
 if __name__ == "__main__":

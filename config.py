@@ -8,6 +8,8 @@ import tempfile
 
 import click
 
+from staging import fsync_dir
+
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
 
@@ -99,18 +101,9 @@ def _write_new_key(path):
                 os.link(temp, path)
         finally:
             os.unlink(temp)
-        _fsync_folder(folder)
+        fsync_dir(folder)
     except OSError as error:
         raise ConfigError(f"could not write a new secret key to {path}: {error}") from None
-
-
-def _fsync_folder(folder):
-    """Make a new name in folder last through a power cut."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _configured_key(env, instance_path):

@@ -1,6 +1,7 @@
 """The HTTP routes: thin wrappers that read the request, call the rules, shape the answer."""
 
 import os
+from functools import partial
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, send_file
 from peewee import PeeweeException
@@ -14,9 +15,15 @@ from downloads import DISK_TYPES, JSON, file_response, negotiate
 from errors import ApiError, ValidationError, disk_full, not_found
 from links import link_matches, parse_expires_in, qemu_fields, read_link, sign_link
 from models import db
-from qcow2 import ImageRefused, inspect_qcow2
+from qcow2 import HEADER_READ_SIZE, ImageRefused, check_header_start, inspect_qcow2
 from representations import image_json, last_modified, rfc3339
-from uploads import body_stream, check_upload_headers, receive_body, watch_body
+from uploads import (
+    body_stream,
+    check_upload_headers,
+    close_connection_on_error,
+    receive_body,
+    watch_body,
+)
 from urls import base_url, link_header
 
 bp = Blueprint("api", __name__)
@@ -76,16 +83,20 @@ def list_images():
 def create_image():
     """Stream the body to a temporary file, inspect it, store it, record it."""
     config = current_app.config
-    max_size = config["MAX_IMAGE_SIZE"]
+    max_size, max_virtual = config["MAX_IMAGE_SIZE"], config["MAX_VIRTUAL_SIZE"]
+    close_connection_on_error()  # the rest of a refused body is never read
     check_upload_headers(request, max_size)
     check_room_for_upload(storage(), config["MIN_FREE_SPACE"], request.content_length)
     plan = image_changes.plan_upload(g.user, request.args.get("name"),
                                      request.args.get("namespace"))
     with storage().staging() as staged, watch_body(request, config["BODY_READ_TIMEOUT"]) as watch:
         stream, length = body_stream(request)
-        size, sha256 = receive_body(stream, staged.file, max_size, length, watch)
+        # The header is vetted as soon as its bytes are in, the rest of the body unread.
+        check_start = partial(check_header_start, file_size=length, max_virtual_size=max_virtual)
         try:
-            info = inspect_qcow2(staged.path, config["MAX_VIRTUAL_SIZE"], config["QEMU_IMG_SLOTS"])
+            size, sha256 = receive_body(stream, staged.file, max_size, length, watch,
+                                        check_start, HEADER_READ_SIZE)
+            info = inspect_qcow2(staged.path, max_virtual, config["QEMU_IMG_SLOTS"])
         except ImageRefused as refusal:
             raise ValidationError("file", refusal_message(refusal)) from None
         image = image_changes.create_image(plan, storage(), staged, size, sha256, info)

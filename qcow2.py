@@ -13,6 +13,7 @@ import ctypes
 import fcntl
 import functools
 import json
+import math
 import os
 import re
 import resource
@@ -178,6 +179,17 @@ def read_qcow2_header(data: bytes, file_size: int, max_virtual_size: int) -> Qco
     _check_size(header.virtual_size, max_virtual_size)
     _check_tables(header, file_size)
     return header
+
+
+def check_header_start(data: bytes, file_size: int | None, max_virtual_size: int) -> None:
+    """Vet an upload by its first HEADER_READ_SIZE bytes, while the rest is still coming.
+
+    The same header reader on the same bytes as inspect_qcow2 reads at the end, so it
+    refuses with the same message. file_size is the Content-Length; for a body of unknown
+    length (None) no table is held to the end of the file, which only the end can tell.
+    """
+    size = math.inf if file_size is None else file_size  # every table ends before infinity
+    read_qcow2_header(data[:HEADER_READ_SIZE], size, max_virtual_size)
 
 
 def _parse_header(data: bytes) -> Qcow2Header:

@@ -4,18 +4,24 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import io
 import queue
 import socket
 import threading
 import time
 
+from flask import Response, after_this_request
 from gunicorn.http.errors import ChunkMissingTerminator, NoMoreData, ParseException
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from errors import DISK_FULL, ApiError, ValidationError
+from socketbody import socket_body
 
-# FACTS.md: 1 MiB reads cost a fifth of the CPU of 8 KiB reads; 4 MiB is no faster.
+# 1 MiB reads cost a fifth of the CPU of 8 KiB reads; 4 MiB ones are no faster.
 CHUNK_SIZE = 1 << 20
+# Buffers of CHUNK_SIZE that an upload's bytes pass through, in turn: one being filled
+# while the others wait for the hash thread, which keeps pace; more would only cost memory.
+RING_BUFFERS = 4
 # Every this many bytes, the kernel is asked to start writing them to disk (see start_writeback).
 WRITEBACK_STEP = 8 << 20
 SYNC_FILE_RANGE_WRITE = 2
@@ -65,11 +71,24 @@ def body_stream(request):
     """The image's bytes and how many there must be: the raw body and its Content-Length
     (None when chunked), or the `file` field of a multipart form (length unknown)."""
     if request.mimetype != "multipart/form-data":
-        return request.stream, request.content_length
+        return raw_body(request.environ) or request.stream, request.content_length
     upload = _form_file(request)
     if upload is None:
         raise ValidationError("file", "File field required in a multipart/form-data body")
     return upload.stream, None
+
+
+def raw_body(environ):
+    """The body to read without Werkzeug's wrapper, when the server ends it: straight from
+    gunicorn's socket where that is clean, else the server's own stream. None otherwise.
+
+    Werkzeug's stream, limited by MAX_CONTENT_LENGTH, refuses a read at the limit even
+    where the body ends there (a body of exactly MAX_IMAGE_SIZE was a 413), and copies
+    each piece once more; the limit and the Content-Length are checked here instead.
+    """
+    if "wsgi.input_terminated" not in environ:
+        return None
+    return socket_body(environ) or environ["wsgi.input"]
 
 
 def _form_file(request):
@@ -84,33 +103,59 @@ def _form_file(request):
 
 
 class HashOnTheSide:
-    """A sha256 computed on its own thread while the request's thread reads and writes.
+    """A sha256 computed on its own thread, from the buffers of a ring, while the request's
+    thread reads into the others and writes.
 
-    hashlib lets go of the GIL while it hashes a large chunk, so the hash runs on another
-    core; the bounded queue keeps at most QUEUE_CHUNKS chunks waiting (bounded memory).
+    hashlib lets go of the GIL while it hashes a large piece, so the hash runs on another
+    core. A buffer goes back to the ring only once it was hashed, and the reader writes a
+    buffer out before it takes the next one: so no buffer is filled again before it was
+    both written and hashed, and memory stays at the ring's buffers.
     """
 
-    QUEUE_CHUNKS = 4
-
-    def __init__(self):
+    def __init__(self, ring):
         self._sha256 = hashlib.sha256()
-        self._chunks = queue.Queue(self.QUEUE_CHUNKS)
+        self._ring = ring
+        self._pieces = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._hash, name="upload-sha256", daemon=True)
         self._thread.start()
 
     def _hash(self):
-        while (chunk := self._chunks.get()) is not None:
-            self._sha256.update(chunk)
+        try:
+            while (piece := self._pieces.get()) is not None:
+                buffer, length = piece
+                self._sha256.update(memoryview(buffer)[:length])
+                self._ring.put(buffer)
+        finally:
+            self._ring.put(None)  # a reader waiting for a buffer must not wait for ever
 
-    def update(self, chunk):
-        self._chunks.put(chunk)
+    def update(self, buffer, length):
+        """Hash the first length bytes of buffer; it returns to the ring afterwards."""
+        self._pieces.put((buffer, length))
 
     def finish(self):
         """Wait for the hash of everything given so far; return it as hex."""
         if self._thread.is_alive():
-            self._chunks.put(None)
+            self._pieces.put(None)
             self._thread.join()
         return self._sha256.hexdigest()
+
+
+def buffer_ring(count, size):
+    """A queue holding count preallocated buffers of size bytes: the only memory an
+    upload's bytes pass through (a fresh bytes object for each piece read costs glibc an
+    mmap, a munmap and zeroed pages every time; docs/benchmarks.md)."""
+    ring = queue.SimpleQueue()
+    for _ in range(count):
+        ring.put(bytearray(size))
+    return ring
+
+
+def take_buffer(ring):
+    """The next buffer that was both written and hashed, waiting for one if need be."""
+    buffer = ring.get()
+    if buffer is None:
+        raise RuntimeError("the upload's hash thread stopped")
+    return buffer
 
 
 class BodyWatch:
@@ -159,26 +204,40 @@ def watch_body(request, timeout):
         watch.stop()
 
 
-def receive_body(stream, out, max_size, expected_length=None, watch=None):
-    """Copy stream into the file out in bounded memory; return (size, sha256 hex).
+def receive_body(stream, out, max_size, expected_length=None, watch=None, check_start=None,
+                 start_size=64 * 1024):
+    """Copy stream into the file out through a ring of reused buffers; return (size, sha256).
 
-    A body shorter than its Content-Length was cut off: gunicorn hands the short body
-    over without an error, so the count is checked here.
+    check_start, if given, is called with the body's first start_size bytes (at most
+    CHUNK_SIZE) as soon as they are in, never for a shorter body; what it raises ends the
+    upload there, the rest of the body unread. A body shorter than its Content-Length was
+    cut off: gunicorn hands the short body over without an error, so the count is checked.
     """
-    digest = HashOnTheSide()
+    ring = buffer_ring(RING_BUFFERS, CHUNK_SIZE)
+    digest = HashOnTheSide(ring)
+    reader = BodyReader(stream, max_size, watch)
     try:
         size = written_back = 0
-        while chunk := _read(stream, max_size, watch):
-            size += len(chunk)
+        while True:
+            buffer = take_buffer(ring)
+            # Never more than one byte past the limit: that byte is the 413.
+            view = memoryview(buffer)[:min(CHUNK_SIZE, max_size + 1 - size)]
+            length = reader.fill(view, start_size if size == 0 and check_start else 0)
+            if size == 0 and check_start and length >= start_size:
+                check_start(bytes(view[:start_size]))
+                length += reader.fill(view[length:])
+            size += length
             if size > max_size:
                 raise too_large(max_size)
-            digest.update(chunk)
-            write_or_507(out, chunk)
+            digest.update(buffer, length)
+            write_or_507(out, view[:length])
             if size - written_back >= WRITEBACK_STEP:
                 start_writeback(out.fileno(), written_back, size - written_back)
                 written_back = size
             if watch:
                 watch.progress()
+            if length < len(view):  # the body ended
+                break
     finally:
         sha256 = digest.finish()  # also on errors: no thread is left behind
     if watch and watch.expired:
@@ -186,6 +245,46 @@ def receive_body(stream, out, max_size, expected_length=None, watch=None):
     if expected_length is not None and size != expected_length:
         raise cut_off()
     return size, sha256
+
+
+class BodyReader:
+    """Fills the caller's buffers from a body: by readinto where the stream has a real one,
+    else by read and a copy; the ways a body can end badly become API errors."""
+
+    def __init__(self, stream, max_size, watch):
+        self._stream, self._max_size, self._watch = stream, max_size, watch
+        self._readinto = getattr(stream, "readinto", None)
+
+    def fill(self, view, stop_at=0):
+        """Fill view (or only its first stop_at bytes); fewer only where the body ends."""
+        wanted, filled = min(stop_at or len(view), len(view)), 0
+        while filled < wanted and (got := self._read_into(view[filled:wanted])):
+            filled += got
+        return filled
+
+    def _read_into(self, view):
+        try:
+            return self._into(view)
+        except RequestEntityTooLarge:
+            raise too_large(self._max_size) from None
+        except (ParseException, ClientDisconnected, OSError) as error:
+            # The watch cut a slow body (and so perhaps a chunk's framing), the framing
+            # broke, or the client went away.
+            if self._watch and self._watch.expired:
+                raise too_slow(self._watch) from error
+            if isinstance(error, ParseException):
+                raise broken_framing(error) from None
+            raise cut_off() from error
+
+    def _into(self, view):
+        if self._readinto is not None:
+            try:
+                return self._readinto(view)
+            except (NotImplementedError, io.UnsupportedOperation):
+                self._readinto = None  # io.RawIOBase's placeholder: the stream only reads
+        data = self._stream.read(len(view))
+        view[:len(data)] = data
+        return len(data)
 
 
 def cut_off():
@@ -209,24 +308,9 @@ def broken_framing(error):
     return ApiError(400, f"Malformed chunked transfer encoding in the body: {what}")
 
 
-def _read(stream, max_size, watch=None):
-    """Read one chunk, turning the ways a body can end badly into API errors."""
-    try:
-        return stream.read(CHUNK_SIZE)
-    except RequestEntityTooLarge:
-        raise too_large(max_size) from None
-    except ParseException as error:
-        raise broken_framing(error) from None
-    except (ClientDisconnected, OSError) as error:
-        # The client went away, the chunked framing broke, or the watch cut a slow body.
-        if watch and watch.expired:
-            raise too_slow(watch) from error
-        raise cut_off() from error
-
-
 def write_or_507(out, chunk):
     """Write to the store's disk; a full disk is the server's 507, not a crash."""
-    view = memoryview(chunk)
+    view = memoryview(chunk)  # slices of a view copy nothing
     try:
         while view:  # an unbuffered write may take only part of the chunk
             view = view[out.write(view):]
@@ -234,3 +318,29 @@ def write_or_507(out, chunk):
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ApiError(507, DISK_FULL) from error
         raise
+
+
+class ClosingResponse(Response):
+    """An answer after which the server closes the connection (`Connection: close`).
+
+    gunicorn drops the Connection header an application sets (it is hop-by-hop), and would
+    keep the connection, reading and dropping what is left of the body first. The
+    start_response it passes is a method of its own response object, which can be told to
+    close instead; other servers are left to themselves.
+    """
+
+    def __call__(self, environ, start_response):
+        force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
+        if force_close is not None:
+            force_close()
+        return super().__call__(environ, start_response)
+
+
+def close_connection_on_error():
+    """Have an error answer to this request close the connection: the rest of the body
+    may still be coming (20 GiB of it, perhaps), and is never read."""
+    after_this_request(_closing_if_error)
+
+
+def _closing_if_error(response):
+    return ClosingResponse.force_type(response) if response.status_code >= 400 else response

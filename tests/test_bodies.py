@@ -1,7 +1,11 @@
 """Upload bodies that end early or come too slowly, against a real gunicorn: the client
 gets an error and nothing is kept."""
 
+import contextlib
+import hashlib
+import itertools
 import json
+import os
 import socket
 import time
 
@@ -174,3 +178,79 @@ def test_chunked_multipart_body_cut_off_is_400(server, qcow2_bytes):
                                   "multipart/form-data; boundary=b")
     assert (status, answer) == (400, {"message": "Upload cut off before the end of the body"})
     assert stored_files(server) == kept
+
+
+def upload_raw(server, data, name, chunks=None, then=b""):
+    """POST data with a Content-Length, or chunked in pieces of the given sizes, then send
+    `then` on the same connection; return the answer (status, head, JSON body)."""
+    port = int(server.url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = (f"POST /images?name={name} HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: {server.headers['Authorization']}\r\n")
+    if chunks is None:
+        body = data
+        head += f"Content-Length: {len(data)}\r\n"
+    else:
+        offsets = [0, *itertools.accumulate(chunks)]
+        body = b"".join(chunk(data[a:b]) for a, b in itertools.pairwise(offsets)) + \
+            chunk(data[offsets[-1]:]) + b"0\r\n\r\n"
+        head += "Transfer-Encoding: chunked\r\n"
+    # A server that answers before the end may hang up before it all went (a 413).
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(head.encode() + b"\r\n" + body + then)
+    status, head, answer = read_answer(sock)
+    return sock, status, head, json.loads(answer)
+
+
+@pytest.mark.parametrize("chunks", [None, (1, 70_000, 3, 1 << 20, 12_345)],
+                         ids=["content-length", "chunked"])
+def test_odd_sized_bodies_hash_right(server, qcow2_bytes, chunks):
+    """Bodies that end anywhere in the server's buffers, in chunks that cross them: the
+    stored size and sha256 are the body's (qemu-img takes bytes after an image's end)."""
+    data = qcow2_bytes + os.urandom((1 << 20) + 4097)
+    sock, status, _, answer = upload_raw(server, data, f"odd{bool(chunks)}", chunks)
+    sock.close()
+    assert status == 201, answer
+    assert (answer["size"], answer["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+
+
+@pytest.mark.parametrize("chunks", [None, (4096,)], ids=["content-length", "chunked"])
+def test_the_next_request_on_the_connection_starts_after_the_body(server, qcow2_bytes,
+                                                                  chunks):
+    """The body read from gunicorn's socket, gunicorn still knows where the next request
+    starts: one sent right behind the upload is answered on the same connection."""
+    sock, status, head, _ = upload_raw(server, qcow2_bytes, f"next{bool(chunks)}", chunks,
+                                       then=b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (status, b"keep-alive" in head.lower()) == (201, True)
+    next_status, _, next_answer = read_answer(sock)
+    sock.close()
+    assert (next_status, json.loads(next_answer)) == (200, {"status": "ok"})
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory, qcow2_bytes):
+    """gunicorn whose MAX_IMAGE_SIZE is the size of qcow2_bytes."""
+    server = start_server(tmp_path_factory.mktemp("limited"),
+                          {"MAX_IMAGE_SIZE": str(len(qcow2_bytes))})
+    server.headers = server.account("sender")
+    yield server
+    stop_server(server)
+
+
+@pytest.mark.parametrize("chunks", [None, (65536,)], ids=["content-length", "chunked"])
+def test_a_body_of_exactly_the_limit_is_stored(limited, qcow2_bytes, chunks):
+    """Werkzeug's stream, capped at MAX_CONTENT_LENGTH, refused to read at the limit even
+    where the body ended there: an image of exactly MAX_IMAGE_SIZE bytes was a 413."""
+    sock, status, _, answer = upload_raw(limited, qcow2_bytes, f"exact{bool(chunks)}", chunks)
+    sock.close()
+    assert status == 201, answer
+
+
+@pytest.mark.parametrize("chunks", [None, (65536,)], ids=["content-length", "chunked"])
+def test_a_body_one_byte_past_the_limit_is_413(limited, qcow2_bytes, chunks):
+    sock, status, head, answer = upload_raw(limited, qcow2_bytes + b"x", "over", chunks)
+    sock.close()
+    assert (status, answer) == (413, {"message": f"Image larger than the limit of "
+                                                 f"{len(qcow2_bytes)} bytes"})
+    assert b"connection: close" in head.lower()
+    assert files_under(limited.instance / "images" / ".incoming") == []

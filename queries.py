@@ -4,10 +4,12 @@ import functools
 import operator
 import sys
 
-from peewee import JOIN, SQL, DateTimeField, NodeList, Value, fn
+from peewee import JOIN, SQL, NodeList, Value, fn
 
+import compiled
+from compiled import slot
 from errors import ValidationError
-from models import Collaborator, Image, Namespace, User, db
+from models import Collaborator, Image, Namespace, User
 from representations import IMAGE_ROW
 
 PAGE_SIZE = 25
@@ -90,57 +92,11 @@ def check_search(text):
     return text
 
 
-class _Slot:
-    """A placeholder in a query compiled once (see _run): each run binds a value by name."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name):
-        self.name = name
-
-
-def _slot(name):
-    """A query value bound at each run; converter=False puts the slot itself into the params."""
-    return Value(_Slot(name), converter=False)
-
-
-@functools.lru_cache(maxsize=512)
-def _compiled(build, database_kind, *shape):
-    """build(*shape)'s SQL, its parameters (slots and constants) and the readers of its
-    datetime columns by position, compiled once per kind of database and shape of query."""
-    query = build(*shape)
-    sql, params = query.sql()
-    datetimes = tuple((i, column.python_value) for i, column in enumerate(query._returning)
-                      if isinstance(column, DateTimeField))
-    return sql, tuple(params), datetimes
-
-
-def _run(build, shape, values):
-    """The rows (tuples) of build(*shape) with its slots bound from values.
-
-    peewee compiles a query to SQL anew on each execution; for the list page that was
-    half its time (docs/benchmarks.md, "The list page"), so each shape is compiled once.
-    Datetime columns are read as their fields read them (SQLite's are text).
-    """
-    sql, params, datetimes = _compiled(build, type(db.obj), *shape)
-    bound = [values[p.name] if isinstance(p, _Slot) else p for p in params]
-    rows = db.execute_sql(sql, bound).fetchall()
-    if not datetimes:
-        return rows
-    converted = []
-    for row in rows:
-        values = list(row)
-        for i, read in datetimes:
-            values[i] = read(values[i])
-        converted.append(values)
-    return converted
-
-
 def _newest_first(query, searching):
     """The ids and times of the newest `count` images of query, as a term of a UNION."""
     if searching:
-        query = query.where(_name_contains(_slot("pattern")))
-    query = query.order_by(Image.created_at.desc(), Image.id.desc()).limit(_slot("count"))
+        query = query.where(_name_contains(slot("pattern")))
+    query = query.order_by(Image.created_at.desc(), Image.id.desc()).limit(slot("count"))
     return query.select_from(query.c.id, query.c.created_at)
 
 
@@ -148,12 +104,12 @@ def _shared_namespaces_query():
     """Ids of the namespaces under the roots that the user (slot "user") collaborates on."""
     return (Namespace.select(Namespace.id)
             .join(Collaborator, on=(Collaborator.namespace == Namespace.root))
-            .where(Collaborator.user == _slot("user")))
+            .where(Collaborator.user == slot("user")))
 
 
 def _shared_namespace_ids(user):
     """Ids of the namespaces under the roots that user collaborates on."""
-    return [ns_id for (ns_id,) in _run(_shared_namespaces_query, (), {"user": user.id})]
+    return [ns_id for (ns_id,) in compiled.rows(_shared_namespaces_query, {"user": user.id})]
 
 
 def _page_query(namespace_terms, searching):
@@ -165,16 +121,16 @@ def _page_query(namespace_terms, searching):
     all shared namespaces in one term. Slots: user, ns0.., count, pattern, offset.
     """
     columns = (Image.id, Image.created_at)
-    terms = [Image.select(*columns).where(Image.user == _slot("user"))]
+    terms = [Image.select(*columns).where(Image.user == slot("user"))]
     if namespace_terms is None:
         terms.append(Image.select(*columns)
                      .where(Image.namespace.in_(_shared_namespaces_query())))
     else:
-        terms += [Image.select(*columns).where(Image.namespace == _slot(f"ns{k}"))
+        terms += [Image.select(*columns).where(Image.namespace == slot(f"ns{k}"))
                   for k in range(namespace_terms)]
     union = functools.reduce(operator.or_, (_newest_first(t, searching) for t in terms))
     page_ids = (union.order_by(SQL("2 DESC"), SQL("1 DESC"))
-                .limit(PAGE_SIZE + 1).offset(_slot("offset"))).alias("page_ids")
+                .limit(PAGE_SIZE + 1).offset(slot("offset"))).alias("page_ids")
     return (_with_relations(image_row_columns)
             .join_from(Image, page_ids, on=(Image.id == page_ids.c.id))
             .order_by(Image.created_at.desc(), Image.id.desc()))
@@ -200,7 +156,8 @@ def list_images(user, search, page):
     else:
         shape = (len(shared), bool(search))
         values.update((f"ns{k}", ns_id) for k, ns_id in enumerate(shared))
-    rows = _run(_page_query, shape, values)
+    # Compiled once per shape: peewee's compiling of this query was half the page's CPU.
+    rows = compiled.rows(_page_query, values, shape)
     return rows[:PAGE_SIZE], len(rows) > PAGE_SIZE
 
 

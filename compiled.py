@@ -29,7 +29,7 @@ def slot(name):
     return Value(_Slot(name), converter=False)
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=256)
 def _compiled(build, database_kind, shape):
     """build(*shape) with its SQL, its parameters (slots and constants) and the readers of
     its datetime columns by position. database_kind keys the cache: SQLite's SQL is not

@@ -23,7 +23,11 @@ IMAGE_ROW = (
 
 def rfc3339(moment):
     """2006-01-02T15:04:05Z."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    # isoformat takes a third of strftime's time (a list page formats some 40 times) and
+    # writes the same for what the database holds: naive UTC, whole seconds, 4-digit years.
+    if moment.microsecond or moment.tzinfo is not None or moment.year < 1000:
+        return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.isoformat() + "Z"
 
 
 def last_modified(image):

@@ -2,7 +2,7 @@
 come out exactly as one "owned or shared, newest first" query would give them."""
 
 import logging
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from flask.json.provider import DefaultJSONProvider
@@ -11,7 +11,7 @@ from playhouse.test_utils import count_queries
 from models import Collaborator, Image, Namespace, User
 from namespaces import ensure_namespace
 from queries import find_image
-from representations import image_json
+from representations import image_json, rfc3339
 
 
 def add_images(rows):
@@ -198,3 +198,13 @@ def test_single_image_is_byte_for_byte_the_json_of_model_objects(app, client, bo
         assert response.status_code == 200
         expected = image_json_before(find_image(image.id), "http://localhost")
         assert response.get_data() == json_bytes_before(app, expected)
+
+
+@pytest.mark.parametrize("moment", [
+    datetime(2024, 1, 2, 3, 4, 5), datetime(2024, 1, 2, 3, 4, 5, 1), datetime(9999, 12, 31),
+    datetime(1000, 1, 1), datetime(999, 1, 1, 1, 1, 1), datetime(1, 1, 1),
+    datetime(2024, 6, 1, 12, tzinfo=UTC),
+    datetime(2024, 6, 1, 12, tzinfo=timezone(timedelta(hours=2))),
+])
+def test_rfc3339_writes_what_strftime_wrote(moment):
+    assert rfc3339(moment) == rfc3339_before(moment)

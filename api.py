@@ -16,7 +16,7 @@ from errors import ApiError, ValidationError, disk_full, not_found
 from links import link_matches, parse_expires_in, qemu_fields, read_link, sign_link
 from models import db
 from qcow2 import HEADER_READ_SIZE, ImageRefused, check_header_start, inspect_qcow2
-from representations import image_json, last_modified, rfc3339
+from representations import image_json, images_json, last_modified, rfc3339
 from uploads import (
     body_stream,
     check_upload_headers,
@@ -71,7 +71,7 @@ def list_images():
     page = queries.parse_page(request.args.get("page"))
     search = queries.check_search(request.args.get("search"))
     rows, has_next = queries.list_images(g.user, search, page)
-    response = jsonify([image_json(i, base_url()) for i in rows])
+    response = jsonify(images_json(rows, base_url()))
     link = link_header(base_url() + "/images", request.args.items(multi=True), page, has_next)
     if link:
         response.headers["Link"] = link

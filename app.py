@@ -7,6 +7,7 @@ from api import bp
 from cli import register_cli
 from config import instance_folder, load_config
 from errors import register_error_handlers
+from json_provider import OrjsonProvider
 from models import create_tables, db, keep_wal, open_database, use_wal
 from queries import has_image_with_key
 from recovery import recover
@@ -26,6 +27,7 @@ def create_app(test_config=None, instance_path=None, prepare=True):
     # Werkzeug's own cap, for what it reads itself: a multipart form is parsed (spooled to
     # disk) before the upload code sees it, and a chunked one has no length to check first.
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_IMAGE_SIZE"]
+    app.json = OrjsonProvider(app)
     app.json.sort_keys = False
 
     open_database(app.config["DATABASE_URL"])

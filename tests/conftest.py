@@ -37,6 +37,23 @@ from models import User  # noqa: E402
 TEST_SECRET_KEY = "test-secret-key-of-the-test-suite-0123456789"
 
 pytest_plugins = PLUGINS
+# Fixtures that start a gunicorn (conftest's, and the e2e modules' own): their tests are slow.
+SERVER_FIXTURES = {"live_server", "server", "cluster"}
+
+
+def starts_a_server(item):
+    """Whether the test runs a gunicorn: through a fixture, or by calling start_server."""
+    code = getattr(getattr(item, "function", None), "__code__", None)
+    return bool(SERVER_FIXTURES & set(item.fixturenames)) or (
+        code is not None and "start_server" in code.co_names)
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that starts a gunicorn as slow (`-m "not slow"` leaves them out);
+    whole end-to-end modules say `pytestmark = pytest.mark.slow` themselves."""
+    for item in items:
+        if starts_a_server(item):
+            item.add_marker(pytest.mark.slow)
 
 
 @dataclass

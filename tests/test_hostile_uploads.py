@@ -1,8 +1,8 @@
 """Hostile uploads through the API: each refused with its rule, and nothing left behind.
 
-The images and the rule each must break are those of test_qcow2 (one list serves both);
-here they go through POST /images, and the store, its temporary folder and the database
-must be exactly as before.
+The images and the rule each must break are those of test_qcow2 (one list, in
+image_fixtures.py, serves both); here they go through POST /images, and the store, its
+temporary folder and the database must be exactly as before.
 """
 
 import contextlib
@@ -14,19 +14,18 @@ import socket
 import time
 
 import pytest
-import sample_images as images
+import sample_images
 from conftest import start_server, stop_server
-from test_qcow2 import GOOD, HOSTILE, slow_images  # noqa: F401 - slow_images is a fixture
+from image_fixtures import GOOD, HOSTILE
 
 from models import Image, Namespace
 
 
 @pytest.mark.parametrize("maker, expected, qemu, limit", HOSTILE)
 def test_hostile_upload_is_refused_and_leaves_nothing(
-        app, alice, upload, store_files, tmp_path, slow_images, maker, expected, qemu,  # noqa: F811
-        limit):
+        app, alice, upload, store_files, tmp_path, case_image, maker, expected, qemu, limit):
     app.config["MAX_VIRTUAL_SIZE"] = limit
-    path = slow_images[maker] if isinstance(maker, str) else maker(tmp_path)
+    path = case_image(maker)
     response = upload(alice, name="hostile", namespace="new/ns", data=path.read_bytes())
     assert response.status_code == 400
     assert list(response.json) == ["file"]
@@ -145,7 +144,7 @@ def test_chunked_body_over_limit_is_cut_off_with_413(server):
 
 
 def test_client_hanging_up_half_way_leaves_nothing(server):
-    data = images.good_v3(server.instance, "half.qcow2").read_bytes()
+    data = sample_images.good_v3(server.instance, "half.qcow2").read_bytes()
     sock = open_upload(server, len(data))
     sock.sendall(data[: len(data) // 2])
     assert wait_for(lambda: incoming(server) != [])  # the upload really began
@@ -159,7 +158,7 @@ def start_killable_upload(tmp_path, name):
     """A one-worker server with an upload half sent; returns (server, socket, worker pid)."""
     server = start_server(tmp_path / name, {"WEB_CONCURRENCY": "1"})
     server.headers = server.account("mallory")
-    data = images.good_v3(tmp_path, f"{name}.qcow2").read_bytes()
+    data = sample_images.good_v3(tmp_path, f"{name}.qcow2").read_bytes()
     sock = open_upload(server, len(data), name=name)
     sock.sendall(data[: len(data) // 2])
     assert wait_for(lambda: incoming(server) != [])

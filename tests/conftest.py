@@ -12,6 +12,7 @@ bench/run.py and reliability/run.py start theirs with it too).
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ from harness import LiveServer as LiveServer  # noqa: E402
 from harness import free_port as free_port  # noqa: E402
 from harness import procfile_command as procfile_command  # noqa: E402
 from localstore import LocalStorage  # noqa: E402
-from models import User  # noqa: E402
+from models import Image, User  # noqa: E402
 
 # Long enough for the rule that refuses short signing keys (config.py).
 TEST_SECRET_KEY = "test-secret-key-of-the-test-suite-0123456789"
@@ -154,6 +155,17 @@ def upload(client, qcow2_bytes):
                            data=qcow2_bytes if data is None else data, **kwargs)
 
     return post
+
+
+def make_rows(account, count, prefix="img", start=None):
+    """Insert image rows directly, one second apart, oldest first (listing reads rows only)."""
+    start = start or datetime(2024, 1, 1)
+    Image.insert_many([
+        {"author": account.user, "user": account.user, "name": f"{prefix}{i}",
+         "storage_key": f"{prefix}-{account.user.id}-{i}", "size": 1, "virtual_size": 1,
+         "sha256": "0" * 64, "created_at": start + timedelta(seconds=i)}
+        for i in range(count)
+    ]).execute()
 
 
 def files_under(folder):

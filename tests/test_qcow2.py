@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import sample_images
-from hypothesis import given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from image_fixtures import GOOD, HOSTILE, LIMIT, PASSWD
 
@@ -294,13 +294,33 @@ def good_headers(tmp_path_factory) -> list[bytes]:
     return [maker(directory).read_bytes()[:qcow2.HEADER_READ_SIZE] for maker in makers]
 
 
-def vet(data: bytes, file_size: int, limit: int = LIMIT) -> None:
-    """read_qcow2_header either refuses with ImageRefused or returns a header that is safe."""
+# The real images of the hypothesis tests below: how many of their first bytes are mutated.
+REAL_HEADER_BYTES = 4096
+
+
+@pytest.fixture(scope="module")
+def real_headers(tmp_path_factory) -> list[tuple[bytes, int]]:
+    """The first bytes and sizes of real images: QCOW2 v3 and v2 (compat=0.10), plain,
+    with another cluster size, with extended L2, with zstd, and last one with a backing file."""
+    folder = tmp_path_factory.mktemp("real-headers")
+    variants = [(), ("-o", "compat=0.10"), ("-o", "cluster_size=4096"),
+                ("-o", "extended_l2=on,cluster_size=65536"), ("-o", "compression_type=zstd"),
+                ("-b", str(folder / "v0.qcow2"), "-F", "qcow2")]
+    found = []
+    for n, options in enumerate(variants):
+        data = sample_images.create(folder, f"v{n}.qcow2", *options, size="16M").read_bytes()
+        found.append((data[:REAL_HEADER_BYTES], len(data)))
+    return found
+
+
+def vet(data: bytes, file_size: int, limit: int = LIMIT) -> qcow2.Qcow2Header | None:
+    """read_qcow2_header either refuses with ImageRefused (None) or returns a header that is
+    safe (returned)."""
     try:
         parsed = qcow2.read_qcow2_header(data, file_size, limit)
     except qcow2.ImageRefused as exc:
         assert str(exc).startswith(qcow2.PREFIX)
-        return
+        return None
     assert parsed.version in (2, 3) and 9 <= parsed.cluster_bits <= 21
     assert parsed.virtual_size <= limit
     assert parsed.incompatible_features & 0b111 == 0  # not dirty, corrupt, or external data
@@ -309,6 +329,7 @@ def vet(data: bytes, file_size: int, limit: int = LIMIT) -> None:
     assert not forbidden & set(parsed.extensions)
     assert struct.unpack_from(">QI", data, 8) == (0, 0)  # no backing file
     assert struct.unpack_from(">I", data, 32) == (0,)  # not encrypted
+    return parsed
 
 
 def test_random_bytes_only_raise_image_refused():
@@ -352,3 +373,40 @@ def test_good_header_parses(good_headers):
     """The unmutated good headers all pass the pure check."""
     for data in good_headers:
         assert qcow2.read_qcow2_header(data, 1 << 30, LIMIT).cluster_size >= 512
+
+
+@given(data=st.binary(max_size=512), file_size=st.integers(0, 1 << 64))
+@example(data=b"QFI\xfb", file_size=4)
+@example(data=b"", file_size=0)
+def test_the_header_reader_refuses_random_bytes_in_its_own_way(data, file_size):
+    """Hypothesis-made bytes from the first one on: refused with ImageRefused, or safe."""
+    vet(data, file_size)
+
+
+def test_the_header_reader_accepts_the_real_images(real_headers):
+    """Every plain image qemu-img makes passes; the one with a backing file does not."""
+    accepted = [vet(data, size) for data, size in real_headers]
+    assert all(accepted[:-1]), "plain qemu-img images are refused"
+    assert accepted[-1] is None, "an image with a backing file passed"
+
+
+mutation = st.tuples(st.integers(0, REAL_HEADER_BYTES - 1), st.integers(0, 255))
+field_overwrite = st.tuples(st.sampled_from(range(0, 112, 4)),
+                            st.sampled_from([0, 1, 2, 3, 8, 9, 21, 22, 0x7FFFFFFF, 0xFFFFFFFF]))
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=300)
+@given(which=st.integers(0, 5), flips=st.lists(mutation, max_size=8),
+       fields=st.lists(field_overwrite, max_size=4), cut=st.integers(0, REAL_HEADER_BYTES),
+       size_change=st.integers(-(1 << 20), 1 << 20), max_virtual_size=st.integers(0, 1 << 62))
+def test_the_header_reader_refuses_mutated_headers_in_its_own_way(
+        real_headers, which, flips, fields, cut, size_change, max_virtual_size):
+    """Real headers with bytes flipped, 32-bit fields overwritten, cut short, and other file
+    sizes and limits (hypothesis): refused with ImageRefused, or safe."""
+    data, file_size = real_headers[which]
+    data = bytearray(data)
+    for offset, byte in flips:
+        data[offset] = byte
+    for offset, value in fields:
+        struct.pack_into(">I", data, offset, value)
+    vet(bytes(data[:cut]), max(0, file_size + size_change), max_virtual_size)

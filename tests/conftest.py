@@ -39,20 +39,23 @@ from models import Image, User  # noqa: E402
 TEST_SECRET_KEY = "test-secret-key-of-the-test-suite-0123456789"
 
 pytest_plugins = PLUGINS
-# Fixtures that start a gunicorn (conftest's, and the e2e modules' own): their tests are slow.
-SERVER_FIXTURES = {"live_server", "server", "cluster"}
+# Fixtures that start a server, or need one: a gunicorn (conftest's live_server, the e2e
+# modules' own server and cluster) or moto_server for S3 (s3_fixtures.py). Their tests are slow.
+SERVER_FIXTURES = {"live_server", "server", "cluster", "s3_server"}
 
 
 def starts_a_server(item):
-    """Whether the test runs a gunicorn: through a fixture, or by calling start_server."""
+    """Whether the test needs a server process: through a fixture, or by calling
+    start_server itself."""
     code = getattr(getattr(item, "function", None), "__code__", None)
     return bool(SERVER_FIXTURES & set(item.fixturenames)) or (
         code is not None and "start_server" in code.co_names)
 
 
 def pytest_collection_modifyitems(items):
-    """Mark every test that starts a gunicorn as slow (`-m "not slow"` leaves them out);
-    whole end-to-end modules say `pytestmark = pytest.mark.slow` themselves."""
+    """Mark every test that needs a server process as slow (`-m "not slow"` leaves them
+    out); whole end-to-end modules say `pytestmark = pytest.mark.slow` themselves, and a
+    test that takes over a second by design says `@pytest.mark.slow`."""
     for item in items:
         if starts_a_server(item):
             item.add_marker(pytest.mark.slow)

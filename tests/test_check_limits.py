@@ -60,6 +60,7 @@ def test_budget_covers_honest_images(gib):
     assert qcow2.check_budget(gib * GIB).cpu_seconds > HONEST_WORST_CPU_PER_GIB * gib
 
 
+@pytest.mark.slow  # a second of CPU, by design
 def test_crafted_image_is_refused_at_its_budget(tmp_path, monkeypatch):
     """A 448 KiB file whose check costs seconds of CPU is stopped at its budget."""
     monkeypatch.setattr(qcow2, "CPU_BASE_SECONDS", 1)
@@ -77,6 +78,7 @@ def test_honest_image_passes_on_the_smallest_budget(tmp_path, monkeypatch):
     assert qcow2.inspect_qcow2(str(image), LIMIT).virtual_size == 1 << 20
 
 
+@pytest.mark.slow  # a second of CPU, by design
 def test_crafted_upload_is_a_400_naming_the_budget(app, client, alice, tmp_path, monkeypatch):
     """Through the API: {"file": ["..."]} and nothing kept."""
     monkeypatch.setattr(qcow2, "CPU_BASE_SECONDS", 1)
@@ -145,6 +147,7 @@ def intervals(log: Path) -> list[tuple[float, float, str]]:
     return sorted(found)
 
 
+@pytest.mark.slow  # two seconds of CPU, by design
 def test_one_slot_lets_one_process_check_at_a_time(tmp_path):
     """Two processes that start checking at the same moment take turns: no overlap."""
     image, slots = sample_images.costly_check(tmp_path), tmp_path / "slots"

@@ -228,6 +228,7 @@ def test_qemu_img_that_hangs_is_killed(tmp_path, monkeypatch):
     assert "qemu-img took longer than 0.5 s" in refusal(sample_images.good_v3(tmp_path))
 
 
+@pytest.mark.slow  # a second of CPU, by design
 def test_qemu_img_that_spins_hits_the_cpu_limit(tmp_path, monkeypatch):
     """A qemu-img that burns CPU is stopped by RLIMIT_CPU and the upload refused."""
     fake_qemu_img(monkeypatch, tmp_path, "while :; do :; done")
@@ -341,6 +342,7 @@ def test_random_bytes_only_raise_image_refused():
             vet(data, rng.choice([0, len(data), 1 << 20, 1 << 62]))
 
 
+@pytest.mark.slow  # a second of CPU
 def test_mutated_headers_only_raise_image_refused(good_headers):
     """Good headers with random bytes, boundary field values and truncations."""
     rng = random.Random(5678)
@@ -360,6 +362,7 @@ def test_mutated_headers_only_raise_image_refused(good_headers):
         vet(bytes(data), rng.choice([len(data), 1 << 20, 1 << 30, 1 << 62]))
 
 
+@pytest.mark.slow  # a second of CPU
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=400), st.integers(0, 2**64), st.integers(0, 2**64))
 def test_hypothesis_headers_only_raise_image_refused(tail, file_size, limit):
@@ -395,6 +398,7 @@ field_overwrite = st.tuples(st.sampled_from(range(0, 112, 4)),
                             st.sampled_from([0, 1, 2, 3, 8, 9, 21, 22, 0x7FFFFFFF, 0xFFFFFFFF]))
 
 
+@pytest.mark.slow  # a second of CPU
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=300)
 @given(which=st.integers(0, 5), flips=st.lists(mutation, max_size=8),
        fields=st.lists(field_overwrite, max_size=4), cut=st.integers(0, REAL_HEADER_BYTES),

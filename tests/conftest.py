@@ -39,17 +39,23 @@ from models import Image, User  # noqa: E402
 TEST_SECRET_KEY = "test-secret-key-of-the-test-suite-0123456789"
 
 pytest_plugins = PLUGINS
-# Fixtures that start a server, or need one: a gunicorn (conftest's live_server, the e2e
-# modules' own server and cluster) or moto_server for S3 (s3_fixtures.py). Their tests are slow.
-SERVER_FIXTURES = {"live_server", "server", "cluster", "s3_server"}
+# What starts a server process: harness's start_server (a gunicorn) and launch (any other
+# server, e.g. moto_server for S3), and the Procfile's command run by hand.
+SERVER_STARTERS = {"start_server", "launch", "procfile_command"}
 
 
-def starts_a_server(item):
-    """Whether the test needs a server process: through a fixture, or by calling
-    start_server itself."""
-    code = getattr(getattr(item, "function", None), "__code__", None)
-    return bool(SERVER_FIXTURES & set(item.fixturenames)) or (
-        code is not None and "start_server" in code.co_names)
+def starts_a_server(function):
+    """Whether a test or fixture function calls one of SERVER_STARTERS itself."""
+    code = getattr(function, "__code__", None)
+    return code is not None and bool(SERVER_STARTERS & set(code.co_names))
+
+
+def needs_a_server(item):
+    """Whether the test, or a fixture it uses (directly or not), starts a server process."""
+    fixtures = item._fixtureinfo.name2fixturedefs  # every fixture of the test, with its defs
+    return starts_a_server(getattr(item, "function", None)) or any(
+        starts_a_server(definition.func)
+        for name in item.fixturenames for definition in fixtures.get(name, ()))
 
 
 def pytest_collection_modifyitems(items):
@@ -57,7 +63,7 @@ def pytest_collection_modifyitems(items):
     out); whole end-to-end modules say `pytestmark = pytest.mark.slow` themselves, and a
     test that takes over a second by design says `@pytest.mark.slow`."""
     for item in items:
-        if starts_a_server(item):
+        if needs_a_server(item):
             item.add_marker(pytest.mark.slow)
 
 

@@ -4,20 +4,22 @@ real qcow2 images made by qemu-img, and a real gunicorn for end-to-end tests.
 Every test that uses `app` runs on SQLite, and again on PostgreSQL when
 TEST_DATABASE_URL=postgresql://... is set (.ci/run sets it): the database fixtures are in
 db_fixtures.py. S3 tests talk to a real S3 protocol server on loopback, moto_server: the
-fixtures are in s3_fixtures.py. The real gunicorn is harness.py's (at the project's top:
+fixtures are in s3_fixtures.py. The good and hostile images of the inspection and upload
+tests are in image_fixtures.py. The real gunicorn is harness.py's (at the project's top:
 bench/run.py and reliability/run.py start theirs with it too).
 """
 
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-PLUGINS = ["db_fixtures", "s3_fixtures"]
+PLUGINS = ["db_fixtures", "s3_fixtures", "image_fixtures"]
 # Imported below before pytest loads them as plugins: have their asserts rewritten all the same.
 pytest.register_assert_rewrite(*PLUGINS)
 
@@ -31,12 +33,38 @@ from harness import LiveServer as LiveServer  # noqa: E402
 from harness import free_port as free_port  # noqa: E402
 from harness import procfile_command as procfile_command  # noqa: E402
 from localstore import LocalStorage  # noqa: E402
-from models import User  # noqa: E402
+from models import Image, User  # noqa: E402
 
 # Long enough for the rule that refuses short signing keys (config.py).
 TEST_SECRET_KEY = "test-secret-key-of-the-test-suite-0123456789"
 
 pytest_plugins = PLUGINS
+# What starts a server process: harness's start_server (a gunicorn) and launch (any other
+# server, e.g. moto_server for S3), and the Procfile's command run by hand.
+SERVER_STARTERS = {"start_server", "launch", "procfile_command"}
+
+
+def starts_a_server(function):
+    """Whether a test or fixture function calls one of SERVER_STARTERS itself."""
+    code = getattr(function, "__code__", None)
+    return code is not None and bool(SERVER_STARTERS & set(code.co_names))
+
+
+def needs_a_server(item):
+    """Whether the test, or a fixture it uses (directly or not), starts a server process."""
+    fixtures = item._fixtureinfo.name2fixturedefs  # every fixture of the test, with its defs
+    return starts_a_server(getattr(item, "function", None)) or any(
+        starts_a_server(definition.func)
+        for name in item.fixturenames for definition in fixtures.get(name, ()))
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that needs a server process as slow (`-m "not slow"` leaves them
+    out); whole end-to-end modules say `pytestmark = pytest.mark.slow` themselves, and a
+    test that takes over a second by design says `@pytest.mark.slow`."""
+    for item in items:
+        if needs_a_server(item):
+            item.add_marker(pytest.mark.slow)
 
 
 @dataclass
@@ -136,6 +164,17 @@ def upload(client, qcow2_bytes):
                            data=qcow2_bytes if data is None else data, **kwargs)
 
     return post
+
+
+def make_rows(account, count, prefix="img", start=None):
+    """Insert image rows directly, one second apart, oldest first (listing reads rows only)."""
+    start = start or datetime(2024, 1, 1)
+    Image.insert_many([
+        {"author": account.user, "user": account.user, "name": f"{prefix}{i}",
+         "storage_key": f"{prefix}-{account.user.id}-{i}", "size": 1, "virtual_size": 1,
+         "sha256": "0" * 64, "created_at": start + timedelta(seconds=i)}
+        for i in range(count)
+    ]).execute()
 
 
 def files_under(folder):

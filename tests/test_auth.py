@@ -1,8 +1,10 @@
 """Tokens and scopes: 401 without a good token, 403 without the scope, hashes only at rest."""
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from auth import format_scopes, hash_token, parse_scopes
+from auth import RESOURCES, format_scopes, hash_token, parse_scopes
 from models import Token
 
 
@@ -22,6 +24,29 @@ def test_format_scopes_is_compact_and_round_trips():
     scopes = parse_scopes("image:delete image:read")
     assert format_scopes(scopes) == "image:read,delete"
     assert parse_scopes(format_scopes(scopes)) == scopes
+
+
+KNOWN_SCOPES = sorted(f"{res}:{perm}" for res, perms in RESOURCES.items() for perm in perms)
+scope_text = st.text("image:readwritdl, ;", max_size=40)
+
+
+@given(st.sets(st.sampled_from(KNOWN_SCOPES), min_size=1))
+def test_scopes_survive_a_format_and_parse_roundtrip(scopes):
+    assert parse_scopes(format_scopes(scopes)) == scopes
+
+
+@given(st.lists(st.sampled_from(KNOWN_SCOPES), min_size=1))
+def test_scopes_in_the_spaced_form_parse_too(scopes):
+    assert parse_scopes(" ".join(scopes)) == set(scopes)
+
+
+@given(st.one_of(st.none(), st.text(max_size=40), scope_text))
+def test_the_scope_parser_returns_known_scopes_or_raises_value_error(text):
+    try:
+        scopes = parse_scopes(text)
+    except ValueError:
+        return
+    assert scopes and scopes <= set(KNOWN_SCOPES)
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer"},

@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import sample_images as images
+import sample_images
 from conftest import ROOT, files_under, start_server, stop_server
 
 import qcow2
@@ -60,11 +60,12 @@ def test_budget_covers_honest_images(gib):
     assert qcow2.check_budget(gib * GIB).cpu_seconds > HONEST_WORST_CPU_PER_GIB * gib
 
 
+@pytest.mark.slow  # a second of CPU, by design
 def test_crafted_image_is_refused_at_its_budget(tmp_path, monkeypatch):
     """A 448 KiB file whose check costs seconds of CPU is stopped at its budget."""
     monkeypatch.setattr(qcow2, "CPU_BASE_SECONDS", 1)
     with pytest.raises(qcow2.ImageRefused) as caught:
-        qcow2.inspect_qcow2(str(images.costly_check(tmp_path)), LIMIT)
+        qcow2.inspect_qcow2(str(sample_images.costly_check(tmp_path)), LIMIT)
     assert str(caught.value).startswith(
         "File not a valid QCOW2 image: checking it needs more CPU time than the 1 s allowed "
         "for a file of its size (1 s plus 3 s per GiB)")
@@ -73,13 +74,15 @@ def test_crafted_image_is_refused_at_its_budget(tmp_path, monkeypatch):
 def test_honest_image_passes_on_the_smallest_budget(tmp_path, monkeypatch):
     """The same base budget lets an honest image with data through."""
     monkeypatch.setattr(qcow2, "CPU_BASE_SECONDS", 1)
-    assert qcow2.inspect_qcow2(str(images.with_data(tmp_path)), LIMIT).virtual_size == 1 << 20
+    image = sample_images.with_data(tmp_path)
+    assert qcow2.inspect_qcow2(str(image), LIMIT).virtual_size == 1 << 20
 
 
+@pytest.mark.slow  # a second of CPU, by design
 def test_crafted_upload_is_a_400_naming_the_budget(app, client, alice, tmp_path, monkeypatch):
     """Through the API: {"file": ["..."]} and nothing kept."""
     monkeypatch.setattr(qcow2, "CPU_BASE_SECONDS", 1)
-    data = images.costly_check(tmp_path).read_bytes()
+    data = sample_images.costly_check(tmp_path).read_bytes()
     response = client.post("/images", query_string={"name": "costly"}, headers=alice.headers,
                            data=data)
     assert response.status_code == 400
@@ -144,9 +147,10 @@ def intervals(log: Path) -> list[tuple[float, float, str]]:
     return sorted(found)
 
 
+@pytest.mark.slow  # two seconds of CPU, by design
 def test_one_slot_lets_one_process_check_at_a_time(tmp_path):
     """Two processes that start checking at the same moment take turns: no overlap."""
-    image, slots = images.costly_check(tmp_path), tmp_path / "slots"
+    image, slots = sample_images.costly_check(tmp_path), tmp_path / "slots"
     checkers = [start_checker(image, slots, budget=1) for _ in range(2)]
     for checker in checkers:  # both start now
         checker.stdin.close()
@@ -216,7 +220,7 @@ def wait_for_exit(pid: int) -> bool:
 def test_a_killed_holder_frees_its_slot_and_its_qemu_img(tmp_path):
     """SIGKILL to a process in the middle of a check: the slot is free once it is gone, and
     its qemu-img dies with it rather than run on outside the bound."""
-    image, slots = images.costly_check(tmp_path, 20000), tmp_path / "slots"  # minutes of CPU
+    image, slots = sample_images.costly_check(tmp_path, 20000), tmp_path / "slots"  # minutes of CPU
     shim, fifo = pid_reporting_qemu_img(tmp_path)
     holder = start_checker(image, slots, budget=600, qemu_img=shim)
     holder.stdin.close()

@@ -149,6 +149,7 @@ def run_at_once(app, commands):
                 process.wait()
 
 
+@pytest.mark.slow  # four Python processes at once
 def test_concurrent_namespace_creates_all_succeed(app, runner):
     """`namespace create` wrote in a deferred transaction: on SQLite a process whose read
     was overtaken by another's commit failed at once with 'database is locked'."""

@@ -7,6 +7,9 @@ import subprocess
 from urllib.parse import urlparse
 
 import pytest
+from conftest import files_under
+
+pytestmark = pytest.mark.slow
 
 
 def request(server, method, path, headers=None, body=None):
@@ -84,10 +87,12 @@ def test_data_binary_upload_with_curl(live_server, alice, image_file):
 
 
 def test_refused_upload_over_the_wire_leaves_nothing(live_server, alice):
+    """The store and its staging folder hold exactly the files they held before."""
+    images_dir = live_server.instance / "images"
+    before = files_under(images_dir)
     status, _, body = request(live_server, "POST", "/images?name=junk", alice, b"junk" * 5000)
     assert status == 400 and "file" in json.loads(body)
-    images_dir = live_server.instance / "images"
-    assert [p.name for p in images_dir.rglob("*") if p.is_file() and "junk" in p.name] == []
+    assert files_under(images_dir) == before
     assert list((images_dir / ".incoming").iterdir()) == []
 
 

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from api import OPENAPI_PATH
 
+pytestmark = pytest.mark.slow
+
 CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
           "response_headers_conformance", "response_schema_conformance", "ignored_auth"]
 # Accept cannot be a parameter in OpenAPI, so the test adds it: JSON, the disk types

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from conftest import needs_postgres, start_server, stop_server
 
-pytestmark = needs_postgres
+pytestmark = [needs_postgres, pytest.mark.slow]
 DISK = {"Accept": "application/octet-stream"}
 
 

@@ -3,11 +3,19 @@
 import logging
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 from playhouse.test_utils import count_queries
 
 from errors import ValidationError
 from models import Collaborator, Image, Namespace
-from namespaces import ensure_namespace, parse_namespace_ref
+from namespaces import MAX_DEPTH, NamespaceRef, ensure_namespace, parse_namespace_ref
+
+ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+segments = st.lists(st.text(ALNUM, min_size=1, max_size=12), min_size=1, max_size=MAX_DEPTH)
+usernames = st.text(ALNUM + "_.-", min_size=1, max_size=20)
+# Text near the grammar, so that the fuzzing often lands close to a valid value.
+namespace_like = st.text(ALNUM[:3] + ALNUM[-3:] + "/@_.-é ²\x00", max_size=30)
 
 
 @pytest.mark.parametrize("text, segments, owner", [
@@ -27,6 +35,31 @@ def test_parse_invalid_refs(text):
     with pytest.raises(ValidationError) as error:
         parse_namespace_ref(text)
     assert list(error.value.fields) == ["namespace"]
+
+
+@given(st.one_of(st.text(max_size=40), namespace_like))
+@example("")
+@example("a//b")
+@example("a@")
+@example("/".join(["a"] * (MAX_DEPTH + 1)))
+def test_namespace_parser_returns_a_ref_or_refuses_as_a_validation_error(text):
+    try:
+        ref = parse_namespace_ref(text)
+    except ValidationError as error:
+        assert list(error.fields) == ["namespace"]
+        return
+    assert isinstance(ref, NamespaceRef)
+    assert 1 <= len(ref.segments) <= MAX_DEPTH
+    assert all(s.isascii() and s.isalnum() for s in ref.segments)
+
+
+@given(segments, st.one_of(st.none(), usernames))
+def test_a_valid_namespace_path_parses_back_to_its_parts(parts, owner):
+    text = "/".join(parts) + (f"@{owner}" if owner else "")
+    ref = parse_namespace_ref(text)
+    assert ref.segments == tuple(parts)
+    assert ref.owner == owner
+    assert ref.path == "/".join(parts)
 
 
 def test_upload_creates_missing_private_namespaces(alice, upload):

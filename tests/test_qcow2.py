@@ -3,35 +3,19 @@
 from __future__ import annotations
 
 import random
-import shutil
 import socket
 import struct
 from pathlib import Path
 
 import pytest
-import sample_images as images
-from hypothesis import given, settings
+import sample_images
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from image_fixtures import GOOD, HOSTILE, LIMIT, PASSWD
 
 import qcow2
 
-TIB = 1 << 40
-LIMIT = 2 * TIB  # MAX_VIRTUAL_SIZE's default
-PASSWD = Path("/etc/passwd")
-
-
 # --- fixtures ----------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def slow_images(tmp_path_factory) -> dict[str, Path]:
-    """LUKS images take seconds to create, so each is made once for the whole run."""
-    directory = tmp_path_factory.mktemp("luks")
-    made = {"luks_qcow2": images.luks_qcow2(directory), "raw_luks": images.raw_luks(directory)}
-    header_only = directory / "luks-header-only.qcow2"
-    shutil.copy(made["luks_qcow2"], header_only)
-    made["luks_header_only"] = images.patch_u32(header_only, images.CRYPT_METHOD, 0)
-    return made
-
 
 @pytest.fixture
 def qemu_img_calls(monkeypatch) -> list[tuple[str, ...]]:
@@ -87,118 +71,10 @@ def refusal(path: Path, limit: int = LIMIT) -> str:
 
 # --- hostile images ----------------------------------------------------------------------
 
-def header(offset: int, value: int, width: int = 8):
-    """Maker of a good image with one header field patched."""
-    return lambda d: images.patched(d, offset, value, width)
-
-
-def extension(kind: int, payload: bytes):
-    """Maker of a good image with a header extension added."""
-    return lambda d: images.with_extension(images.good_v3(d), kind, payload)
-
-
-def case(name, maker, expected, *, qemu=False, limit=LIMIT):
-    """One hostile image: its maker, the refusal it must get, whether qemu-img may see it."""
-    return pytest.param(maker, expected, qemu, limit, id=name)
-
-
-HOSTILE = [
-    # Not QCOW2 at all.
-    case("empty", images.empty, "not in QCOW2 format (the file is empty)"),
-    case("raw", images.raw, "not in QCOW2 format (it does not start with the QCOW2 signature)"),
-    case("random", images.random_bytes, "not in QCOW2 format"),
-    case("vmdk", lambda d: images.other_format(d, "vmdk"), "not in QCOW2 format (it is a VMDK"),
-    case("vmdk-flat-passwd", images.vmdk_flat_descriptor, "(it is a VMDK descriptor)"),
-    case("vdi", lambda d: images.other_format(d, "vdi"), "(it is a VDI image)"),
-    case("vhd", lambda d: images.other_format(d, "vpc"), "(it is a VHD image)"),
-    case("vhdx", lambda d: images.other_format(d, "vhdx"), "(it is a VHDX image)"),
-    case("qed", lambda d: images.other_format(d, "qed"), "(it is a QED image)"),
-    case("qcow-v1", lambda d: images.other_format(d, "qcow"), "unsupported QCOW2 version 1"),
-    case("raw-luks", "raw_luks", "(it is a LUKS-encrypted raw image)"),
-    case("gzip", images.gzipped, "(it is gzip-compressed); decompress it"),
-    # Broken QCOW2.
-    case("garbage-after-magic", images.garbage_after_magic, "unsupported QCOW2 version"),
-    case("truncated-header", images.truncated_header, "the header is truncated"),
-    case("truncated-body", images.truncated_body, "qemu-img check found", qemu=True),
-    case("zeroed-refcounts", images.zeroed_refcounts, "qemu-img check found", qemu=True),
-    case("version-4", header(images.VERSION, 4, 4), "unsupported QCOW2 version 4"),
-    case("header-length-small", header(images.HEADER_LENGTH, 72, 4), "invalid header length 72"),
-    case("header-length-odd", header(images.HEADER_LENGTH, 108, 4), "invalid header length 108"),
-    case("header-length-huge", header(images.HEADER_LENGTH, 2**32 - 8, 4), "invalid header length"),
-    case("extension-too-long", lambda d: images.patch_u32(images.good_v3(d), 116, 2**32 - 1),
-         "a header extension runs past the first cluster"),
-    case("extensions-unterminated", lambda d: images.patch(
-        images.good_v3(d), 112, struct.pack(">II", 1, 65536 - 128) + b"\xff" * (65536 - 120)),
-        "a header extension runs past the first cluster"),
-    # References to other files.
-    case("backing-path", images.backing_path,
-         "the image has a backing file; make a self-contained"),
-    case("backing-passwd", lambda d: images.with_backing(d, str(PASSWD)), "has a backing file"),
-    case("backing-json", lambda d: images.with_backing(
-        d, 'json:{"driver":"raw","file":{"driver":"file","filename":"/etc/passwd"}}'),
-        "has a backing file"),
-    case("backing-http", lambda d: images.with_backing(d, "http://127.0.0.1:9/x"),
-         "has a backing file"),
-    case("backing-nbd", lambda d: images.with_backing(d, "nbd://127.0.0.1:9/x"),
-         "has a backing file"),
-    case("backing-size-only", header(images.BACKING_OFFSET + 8, 11, 4), "has a backing file"),
-    case("backing-format-extension", extension(images.EXT_BACKING_FORMAT, b"raw"),
-         "has a backing file"),
-    case("data-file", images.data_file, "the image uses an external data file"),
-    case("data-file-passwd", lambda d: images.with_extension(
-        images.data_file(d), images.EXT_DATA_FILE, str(PASSWD).encode()), "external data file"),
-    case("data-file-extension-only", images.data_file_extension_only, "external data file"),
-    case("data-file-bit-only", lambda d: images.set_incompatible(images.good_v3(d), 1 << 2),
-         "external data file"),
-    case("data-file-raw-bit", header(images.AUTOCLEAR, 1 << 1), "external data file"),
-    # Encryption.
-    case("luks", "luks_qcow2", "the image is encrypted (LUKS encryption)"),
-    case("aes", images.aes_qcow2, "the image is encrypted (legacy AES encryption)"),
-    case("crypt-method-7", header(images.CRYPT_METHOD, 7, 4), "encrypted (unknown encryption)"),
-    case("luks-extension-only", "luks_header_only", "the image is encrypted"),
-    # Abuse of header fields.
-    case("exabyte", images.exabyte, "the virtual size 1 EiB (1152921504606846976 bytes) is larger"
-         " than the limit of 2 TiB"),
-    case("size-2^60-no-limit", header(images.SIZE, 1 << 60), "larger than the limit of 1 PiB",
-         limit=1 << 64),
-    case("size-2^64-1", header(images.SIZE, 2**64 - 1), "larger than the limit of 2 TiB"),
-    case("over-limit", lambda d: images.good_v3(d, size="2G"), "the virtual size 2 GiB",
-         limit=1 << 30),
-    case("size-not-sectors", header(images.SIZE, (1 << 20) + 1), "not a multiple of 512 bytes"),
-    case("unknown-incompatible-bit", lambda d: images.set_incompatible(images.good_v3(d), 1 << 5),
-         "unknown incompatible features (bits 0x20)"),
-    case("incompatible-bit-63", lambda d: images.set_incompatible(images.good_v3(d), 1 << 63),
-         "unknown incompatible features (bits 0x8000000000000000)"),
-    case("corrupt-bit", lambda d: images.set_incompatible(images.good_v3(d), 1 << 1),
-         "the image is marked corrupt; repair it with `qemu-img check -r all"),
-    case("dirty-bit", lambda d: images.set_incompatible(images.good_v3(d), 1 << 0),
-         "not closed cleanly (dirty flag set); repair it with `qemu-img check -r all"),
-    case("compression-type-2", lambda d: images.patch(
-        images.set_incompatible(images.good_v3(d), 1 << 3), images.COMPRESSION_TYPE, b"\x02"),
-        "invalid compression type 2"),
-    case("zstd-without-bit", lambda d: images.patch(
-        images.good_v3(d), images.COMPRESSION_TYPE, b"\x01"), "invalid compression type 1"),
-    case("l1-size-absurd", header(images.L1_SIZE, 2**31 - 1, 4), "invalid L1 table size"),
-    case("l1-size-too-small", header(images.L1_SIZE, 0, 4), "invalid L1 table size 0"),
-    case("l1-offset-past-end", header(images.L1_OFFSET, 1 << 40), "invalid L1 table (misaligned"),
-    case("l1-offset-unaligned", header(images.L1_OFFSET, 0x30008), "invalid L1 table (misaligned"),
-    case("cluster-bits-30", header(images.CLUSTER_BITS, 30, 4), "invalid cluster size 2^30"),
-    case("cluster-bits-8", header(images.CLUSTER_BITS, 8, 4), "invalid cluster size 2^8"),
-    case("refcount-order-7", header(images.REFCOUNT_ORDER, 7, 4), "invalid refcount width 2^7"),
-    case("reftable-huge", header(images.REFTABLE_OFFSET + 8, 2**32 - 1, 4),
-         "invalid refcount table size"),
-    case("reftable-past-end", header(images.REFTABLE_OFFSET, 1 << 30), "invalid refcount table"),
-    case("snapshots-absurd", header(images.NB_SNAPSHOTS, 2**32 - 1, 4),
-         "invalid snapshot table"),
-    case("snapshots-nowhere", header(images.NB_SNAPSHOTS, 1, 4), "invalid snapshot table"),
-]
-
-
 @pytest.mark.parametrize("maker, expected, qemu, limit", HOSTILE)
-def test_hostile_image_is_refused(tmp_path, slow_images, qemu_img_calls, maker, expected,
-                                  qemu, limit):
+def test_hostile_image_is_refused(case_image, qemu_img_calls, maker, expected, qemu, limit):
     """Each hostile upload gets its own rule's message; qemu-img never sees the worst."""
-    path = slow_images[maker] if isinstance(maker, str) else maker(tmp_path)
+    path = case_image(maker)
     message = refusal(path, limit)
     assert expected in message
     assert bool(qemu_img_calls) == qemu
@@ -207,9 +83,10 @@ def test_hostile_image_is_refused(tmp_path, slow_images, qemu_img_calls, maker, 
 def test_messages_never_show_passwd(tmp_path, qemu_img_calls):
     """No refusal of an image naming /etc/passwd echoes the name or the content."""
     passwd = PASSWD.read_text()
-    makers = [images.vmdk_flat_descriptor, lambda d: images.with_backing(d, str(PASSWD)),
-              lambda d: images.with_extension(images.data_file(d), images.EXT_DATA_FILE,
-                                              str(PASSWD).encode())]
+    makers = [sample_images.vmdk_flat_descriptor,
+              lambda d: sample_images.with_backing(d, str(PASSWD)),
+              lambda d: sample_images.with_extension(
+                  sample_images.data_file(d), sample_images.EXT_DATA_FILE, str(PASSWD).encode())]
     for number, maker in enumerate(makers):
         directory = tmp_path / str(number)
         directory.mkdir()
@@ -220,26 +97,6 @@ def test_messages_never_show_passwd(tmp_path, qemu_img_calls):
 
 
 # --- good images -------------------------------------------------------------------------
-
-GOOD = [
-    pytest.param(images.good_v2, 2, 1 << 20, 1 << 16, id="v2"),
-    pytest.param(images.good_v3, 3, 1 << 20, 1 << 16, id="v3"),
-    pytest.param(images.with_data, 3, 1 << 20, 1 << 16, id="qemu-io-data"),
-    pytest.param(images.compressed, 3, 1 << 20, 1 << 16, id="compressed"),
-    pytest.param(images.zstd, 3, 1 << 20, 1 << 16, id="zstd"),
-    pytest.param(images.extended_l2, 3, 1 << 20, 1 << 16, id="extended-l2"),
-    pytest.param(images.snapshot_and_bitmap, 3, 1 << 20, 1 << 16, id="snapshot-and-bitmap"),
-    pytest.param(images.leaked, 3, 1 << 20, 1 << 16, id="leaked-cluster"),
-    pytest.param(lambda d: images.create(d, "l.qcow2", "-o", "lazy_refcounts=on"),
-                 3, 1 << 20, 1 << 16, id="lazy-refcounts"),
-    pytest.param(lambda d: images.create(d, "c.qcow2", "-o", "cluster_size=512"),
-                 3, 1 << 20, 512, id="cluster-512"),
-    pytest.param(lambda d: images.create(d, "c.qcow2", "-o", "cluster_size=2M"),
-                 3, 1 << 20, 1 << 21, id="cluster-2M"),
-    pytest.param(lambda d: images.good_v3(d, size="0"), 3, 0, 1 << 16, id="empty-disk"),
-    pytest.param(lambda d: images.good_v3(d, size="2T"), 3, LIMIT, 1 << 16, id="at-the-limit"),
-]
-
 
 @pytest.mark.parametrize("maker, version, virtual_size, cluster_size", GOOD)
 def test_good_image_is_accepted(tmp_path, qemu_img_calls, maker, version, virtual_size,
@@ -252,14 +109,14 @@ def test_good_image_is_accepted(tmp_path, qemu_img_calls, maker, version, virtua
 
 def test_leaked_cluster_image_really_has_leaks(tmp_path):
     """The leaked-cluster image exercises check's exit status 3, which is accepted."""
-    path = images.leaked(tmp_path)
+    path = sample_images.leaked(tmp_path)
     spec = qcow2._image_spec(str(path))
     assert qcow2._run_qemu_img("check", "-f", "qcow2", "--output=json", spec).returncode == 3
 
 
 def test_relative_path_is_accepted(tmp_path, monkeypatch):
     """A relative path is made absolute before it goes into qemu-img's options."""
-    images.good_v3(tmp_path, "rel,with=odd:chars.qcow2")
+    sample_images.good_v3(tmp_path, "rel,with=odd:chars.qcow2")
     monkeypatch.chdir(tmp_path)
     assert qcow2.inspect_qcow2("rel,with=odd:chars.qcow2", LIMIT).virtual_size == 1 << 20
 
@@ -289,7 +146,7 @@ def test_only_the_start_of_the_file_is_read(tmp_path, monkeypatch):
     """inspect_qcow2 reads one bounded piece of the upload in Python, never all of it."""
     sizes: list[int] = []
     monkeypatch.setattr(qcow2, "open", lambda *args: ReadRecorder(sizes, *args), raising=False)
-    qcow2.inspect_qcow2(str(images.with_data(tmp_path)), LIMIT)
+    qcow2.inspect_qcow2(str(sample_images.with_data(tmp_path)), LIMIT)
     assert sizes == [qcow2.HEADER_READ_SIZE]
 
 
@@ -298,7 +155,7 @@ def test_only_the_start_of_the_file_is_read(tmp_path, monkeypatch):
 def test_http_backing_file_is_never_contacted(tmp_path, listener):
     """Neither the header check nor qemu-img (run anyway) connects to a backing URL."""
     port = listener.getsockname()[1]
-    path = images.with_backing(tmp_path, f"http://127.0.0.1:{port}/disk.raw")
+    path = sample_images.with_backing(tmp_path, f"http://127.0.0.1:{port}/disk.raw")
     assert "has a backing file" in refusal(path)
     for command in ("info", "check"):
         qcow2._run_qemu_img(command, "-f", "qcow2", "--output=json", qcow2._image_spec(str(path)))
@@ -311,16 +168,20 @@ def permissive_header(data: bytes, file_size: int, max_virtual_size: int) -> qco
 
 
 @pytest.mark.parametrize("maker, expected", [
-    (lambda d, port: images.with_backing(d, f"http://127.0.0.1:{port}/x"), "has a backing file"),
-    (lambda d, port: images.with_backing(d, f"nbd://127.0.0.1:{port}"), "has a backing file"),
-    (lambda d, port: images.with_extension(
-        images.data_file(d), images.EXT_DATA_FILE,
+    (lambda d, port: sample_images.with_backing(d, f"http://127.0.0.1:{port}/x"),
+     "has a backing file"),
+    (lambda d, port: sample_images.with_backing(d, f"nbd://127.0.0.1:{port}"),
+     "has a backing file"),
+    (lambda d, port: sample_images.with_extension(
+        sample_images.data_file(d), sample_images.EXT_DATA_FILE,
         f'json:{{"driver":"nbd","host":"127.0.0.1","port":"{port}"}}'.encode()),
      "external data file"),
-    (lambda d, port: images.data_file(d), "external data file"),
-    (lambda d, port: images.set_incompatible(images.good_v3(d), 1 << 0), "not closed cleanly"),
-    (lambda d, port: images.set_incompatible(images.good_v3(d), 1 << 1), "marked corrupt"),
-    (lambda d, port: images.good_v3(d, size="2M"), "qemu-img info disagrees"),
+    (lambda d, port: sample_images.data_file(d), "external data file"),
+    (lambda d, port: sample_images.set_incompatible(sample_images.good_v3(d), 1 << 0),
+     "not closed cleanly"),
+    (lambda d, port: sample_images.set_incompatible(sample_images.good_v3(d), 1 << 1),
+     "marked corrupt"),
+    (lambda d, port: sample_images.good_v3(d, size="2M"), "qemu-img info disagrees"),
 ], ids=["http-backing", "nbd-backing", "nbd-data-file", "data-file", "dirty", "corrupt", "size"])
 def test_qemu_img_catches_what_a_broken_header_check_misses(tmp_path, monkeypatch, listener,
                                                              maker, expected):
@@ -333,7 +194,7 @@ def test_qemu_img_catches_what_a_broken_header_check_misses(tmp_path, monkeypatc
 
 def test_info_reports_data_file_without_opening_it(tmp_path):
     """qemu-img info names an external data file even when that file is gone."""
-    path = images.data_file(tmp_path)
+    path = sample_images.data_file(tmp_path)
     (tmp_path / "external.raw").unlink()
     done = qcow2._run_qemu_img("info", "-f", "qcow2", "--output=json", qcow2._image_spec(str(path)))
     assert done.returncode == 0
@@ -356,7 +217,7 @@ def test_qemu_img_output_is_bounded(tmp_path, monkeypatch):
     """Endless stdout is cut off by RLIMIT_FSIZE; endless stderr is never read at all."""
     fake_qemu_img(monkeypatch, tmp_path,
                   "head -c 100000000 /dev/zero >&2; exec head -c 5000000 /dev/zero")
-    assert "output allowance" in refusal(images.good_v3(tmp_path))
+    assert "output allowance" in refusal(sample_images.good_v3(tmp_path))
 
 
 def test_qemu_img_that_hangs_is_killed(tmp_path, monkeypatch):
@@ -364,20 +225,21 @@ def test_qemu_img_that_hangs_is_killed(tmp_path, monkeypatch):
     fake_qemu_img(monkeypatch, tmp_path, "exec sleep 30")
     monkeypatch.setattr(qcow2, "TIMEOUT_SECONDS", 0.5)
     monkeypatch.setattr(qcow2, "WALL_PER_CPU_SECOND", 0.1)
-    assert "qemu-img took longer than 0.5 s" in refusal(images.good_v3(tmp_path))
+    assert "qemu-img took longer than 0.5 s" in refusal(sample_images.good_v3(tmp_path))
 
 
+@pytest.mark.slow  # a second of CPU, by design
 def test_qemu_img_that_spins_hits_the_cpu_limit(tmp_path, monkeypatch):
     """A qemu-img that burns CPU is stopped by RLIMIT_CPU and the upload refused."""
     fake_qemu_img(monkeypatch, tmp_path, "while :; do :; done")
     monkeypatch.setattr(qcow2, "CPU_BASE_SECONDS", 1)
-    assert "needs more CPU time than the 1 s allowed" in refusal(images.good_v3(tmp_path))
+    assert "needs more CPU time than the 1 s allowed" in refusal(sample_images.good_v3(tmp_path))
 
 
 def test_qemu_img_failing_to_open_is_refused(tmp_path, monkeypatch):
     """An info that fails is a refusal whose message hides qemu-img's own words and paths."""
     fake_qemu_img(monkeypatch, tmp_path, "echo \"qemu-img: Could not open '$*'\" >&2; exit 1")
-    message = refusal(images.good_v3(tmp_path))
+    message = refusal(sample_images.good_v3(tmp_path))
     assert "qemu-img cannot open it" in message and "Could not open" not in message
 
 
@@ -386,7 +248,7 @@ def test_check_that_cannot_finish_is_refused(tmp_path, monkeypatch):
     info = '{"format": "qcow2", "virtual-size": 1048576, "cluster-size": 65536, ' \
            '"format-specific": {"type": "qcow2", "data": {"compat": "1.1"}}}'
     fake_qemu_img(monkeypatch, tmp_path, f"[ \"$1\" = info ] && echo '{info}' && exit 0; exit 1")
-    assert "qemu-img check could not finish" in refusal(images.good_v3(tmp_path))
+    assert "qemu-img check could not finish" in refusal(sample_images.good_v3(tmp_path))
 
 
 # --- qemu-img version --------------------------------------------------------------------
@@ -428,25 +290,47 @@ def test_version_with_two_parts(tmp_path, monkeypatch):
 def good_headers(tmp_path_factory) -> list[bytes]:
     """The first 64 KiB of a few varied good images."""
     directory = tmp_path_factory.mktemp("headers")
-    makers = [images.good_v2, images.good_v3, images.zstd, images.snapshot_and_bitmap,
-              images.extended_l2]
+    makers = [sample_images.good_v2, sample_images.good_v3, sample_images.zstd,
+              sample_images.snapshot_and_bitmap, sample_images.extended_l2]
     return [maker(directory).read_bytes()[:qcow2.HEADER_READ_SIZE] for maker in makers]
 
 
-def vet(data: bytes, file_size: int, limit: int = LIMIT) -> None:
-    """read_qcow2_header either refuses with ImageRefused or returns a header that is safe."""
+# The real images of the hypothesis tests below: how many of their first bytes are mutated.
+REAL_HEADER_BYTES = 4096
+
+
+@pytest.fixture(scope="module")
+def real_headers(tmp_path_factory) -> list[tuple[bytes, int]]:
+    """The first bytes and sizes of real images: QCOW2 v3 and v2 (compat=0.10), plain,
+    with another cluster size, with extended L2, with zstd, and last one with a backing file."""
+    folder = tmp_path_factory.mktemp("real-headers")
+    variants = [(), ("-o", "compat=0.10"), ("-o", "cluster_size=4096"),
+                ("-o", "extended_l2=on,cluster_size=65536"), ("-o", "compression_type=zstd"),
+                ("-b", str(folder / "v0.qcow2"), "-F", "qcow2")]
+    found = []
+    for n, options in enumerate(variants):
+        data = sample_images.create(folder, f"v{n}.qcow2", *options, size="16M").read_bytes()
+        found.append((data[:REAL_HEADER_BYTES], len(data)))
+    return found
+
+
+def vet(data: bytes, file_size: int, limit: int = LIMIT) -> qcow2.Qcow2Header | None:
+    """read_qcow2_header either refuses with ImageRefused (None) or returns a header that is
+    safe (returned)."""
     try:
         parsed = qcow2.read_qcow2_header(data, file_size, limit)
     except qcow2.ImageRefused as exc:
         assert str(exc).startswith(qcow2.PREFIX)
-        return
+        return None
     assert parsed.version in (2, 3) and 9 <= parsed.cluster_bits <= 21
     assert parsed.virtual_size <= limit
     assert parsed.incompatible_features & 0b111 == 0  # not dirty, corrupt, or external data
-    assert not {images.EXT_DATA_FILE, images.EXT_CRYPTO, images.EXT_BACKING_FORMAT} & set(
-        parsed.extensions)
+    forbidden = {sample_images.EXT_DATA_FILE, sample_images.EXT_CRYPTO,
+                 sample_images.EXT_BACKING_FORMAT}
+    assert not forbidden & set(parsed.extensions)
     assert struct.unpack_from(">QI", data, 8) == (0, 0)  # no backing file
     assert struct.unpack_from(">I", data, 32) == (0,)  # not encrypted
+    return parsed
 
 
 def test_random_bytes_only_raise_image_refused():
@@ -458,6 +342,7 @@ def test_random_bytes_only_raise_image_refused():
             vet(data, rng.choice([0, len(data), 1 << 20, 1 << 62]))
 
 
+@pytest.mark.slow  # a second of CPU
 def test_mutated_headers_only_raise_image_refused(good_headers):
     """Good headers with random bytes, boundary field values and truncations."""
     rng = random.Random(5678)
@@ -477,6 +362,7 @@ def test_mutated_headers_only_raise_image_refused(good_headers):
         vet(bytes(data), rng.choice([len(data), 1 << 20, 1 << 30, 1 << 62]))
 
 
+@pytest.mark.slow  # a second of CPU
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=400), st.integers(0, 2**64), st.integers(0, 2**64))
 def test_hypothesis_headers_only_raise_image_refused(tail, file_size, limit):
@@ -490,3 +376,41 @@ def test_good_header_parses(good_headers):
     """The unmutated good headers all pass the pure check."""
     for data in good_headers:
         assert qcow2.read_qcow2_header(data, 1 << 30, LIMIT).cluster_size >= 512
+
+
+@given(data=st.binary(max_size=512), file_size=st.integers(0, 1 << 64))
+@example(data=b"QFI\xfb", file_size=4)
+@example(data=b"", file_size=0)
+def test_the_header_reader_refuses_random_bytes_in_its_own_way(data, file_size):
+    """Hypothesis-made bytes from the first one on: refused with ImageRefused, or safe."""
+    vet(data, file_size)
+
+
+def test_the_header_reader_accepts_the_real_images(real_headers):
+    """Every plain image qemu-img makes passes; the one with a backing file does not."""
+    accepted = [vet(data, size) for data, size in real_headers]
+    assert all(accepted[:-1]), "plain qemu-img images are refused"
+    assert accepted[-1] is None, "an image with a backing file passed"
+
+
+mutation = st.tuples(st.integers(0, REAL_HEADER_BYTES - 1), st.integers(0, 255))
+field_overwrite = st.tuples(st.sampled_from(range(0, 112, 4)),
+                            st.sampled_from([0, 1, 2, 3, 8, 9, 21, 22, 0x7FFFFFFF, 0xFFFFFFFF]))
+
+
+@pytest.mark.slow  # a second of CPU
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=300)
+@given(which=st.integers(0, 5), flips=st.lists(mutation, max_size=8),
+       fields=st.lists(field_overwrite, max_size=4), cut=st.integers(0, REAL_HEADER_BYTES),
+       size_change=st.integers(-(1 << 20), 1 << 20), max_virtual_size=st.integers(0, 1 << 62))
+def test_the_header_reader_refuses_mutated_headers_in_its_own_way(
+        real_headers, which, flips, fields, cut, size_change, max_virtual_size):
+    """Real headers with bytes flipped, 32-bit fields overwritten, cut short, and other file
+    sizes and limits (hypothesis): refused with ImageRefused, or safe."""
+    data, file_size = real_headers[which]
+    data = bytearray(data)
+    for offset, byte in flips:
+        data[offset] = byte
+    for offset, value in fields:
+        struct.pack_into(">I", data, offset, value)
+    vet(bytes(data[:cut]), max(0, file_size + size_change), max_virtual_size)

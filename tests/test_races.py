@@ -15,7 +15,8 @@ from peewee import IntegrityError
 from models import Image, Namespace, db
 from namespaces import ensure_namespace
 
-STORES = ("local", "s3")
+# S3 needs moto_server, a server process: slow, as every S3 test is (conftest.py).
+STORES = ("local", pytest.param("s3", marks=pytest.mark.slow))
 
 
 class GatedBody(io.BytesIO):

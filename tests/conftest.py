@@ -9,6 +9,7 @@ tests are in image_fixtures.py. The real gunicorn is harness.py's (at the projec
 bench/run.py and reliability/run.py start theirs with it too).
 """
 
+import contextlib
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -40,8 +41,9 @@ TEST_SECRET_KEY = "test-secret-key-of-the-test-suite-0123456789"
 
 pytest_plugins = PLUGINS
 # What starts a server process: harness's start_server (a gunicorn) and launch (any other
-# server, e.g. moto_server for S3), and the Procfile's command run by hand.
-SERVER_STARTERS = {"start_server", "launch", "procfile_command"}
+# server, e.g. moto_server for S3), conftest's server_with_account, and the Procfile's command
+# run by hand.
+SERVER_STARTERS = {"start_server", "server_with_account", "launch", "procfile_command"}
 
 
 def starts_a_server(function):
@@ -175,6 +177,30 @@ def make_rows(account, count, prefix="img", start=None):
          "sha256": "0" * 64, "created_at": start + timedelta(seconds=i)}
         for i in range(count)
     ]).execute()
+
+
+@contextlib.contextmanager
+def server_with_account(folder, username, extra_env=None):
+    """A gunicorn (the harness's) for the block, its `headers` a new account's bearer token."""
+    server = start_server(folder, extra_env)
+    try:
+        server.headers = server.account(username)
+        yield server
+    finally:
+        stop_server(server)
+
+
+def read_answer(sock):
+    """(status, head, body) of the HTTP answer on a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data and (piece := sock.recv(65536)):
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length and (piece := sock.recv(65536)):
+        body += piece
+    return int(head.split()[1]), head, body
 
 
 def files_under(folder):

@@ -10,16 +10,15 @@ import socket
 import time
 
 import pytest
-from conftest import files_under, start_server, stop_server
+from conftest import files_under, read_answer, server_with_account
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """gunicorn with a body timeout of 1 second a piece."""
-    server = start_server(tmp_path_factory.mktemp("bodies"), {"BODY_READ_TIMEOUT": "1"})
-    server.headers = server.account("sender")
-    yield server
-    stop_server(server)
+    with server_with_account(tmp_path_factory.mktemp("bodies"), "sender",
+                                 {"BODY_READ_TIMEOUT": "1"}) as server:
+        yield server
 
 
 def send_head(server, name, length):
@@ -29,19 +28,6 @@ def send_head(server, name, length):
                  f"Authorization: {server.headers['Authorization']}\r\n"
                  f"Content-Length: {length}\r\n\r\n".encode())
     return sock
-
-
-def read_answer(sock):
-    """(status, head, body) of the answer on sock."""
-    data = b""
-    while b"\r\n\r\n" not in data and (piece := sock.recv(65536)):
-        data += piece
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length:"))
-    while len(body) < length and (piece := sock.recv(65536)):
-        body += piece
-    return int(head.split()[1]), head, body
 
 
 def stored_files(server):
@@ -230,11 +216,9 @@ def test_the_next_request_on_the_connection_starts_after_the_body(server, qcow2_
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory, qcow2_bytes):
     """gunicorn whose MAX_IMAGE_SIZE is the size of qcow2_bytes."""
-    server = start_server(tmp_path_factory.mktemp("limited"),
-                          {"MAX_IMAGE_SIZE": str(len(qcow2_bytes))})
-    server.headers = server.account("sender")
-    yield server
-    stop_server(server)
+    with server_with_account(tmp_path_factory.mktemp("limited"), "sender",
+                                 {"MAX_IMAGE_SIZE": str(len(qcow2_bytes))}) as server:
+        yield server
 
 
 @pytest.mark.parametrize("chunks", [None, (65536,)], ids=["content-length", "chunked"])

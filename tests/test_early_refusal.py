@@ -11,9 +11,8 @@ import threading
 import time
 
 import pytest
-import sample_images as images
-from conftest import start_server, stop_server
-from test_bodies import read_answer
+import sample_images
+from conftest import read_answer, server_with_account
 
 from qcow2 import ImageRefused, inspect_qcow2
 
@@ -23,18 +22,17 @@ PIECE = 64 * 1024
 # most) and what the server reads before the header check and drops while closing.
 FAR_BELOW = 64 << 20
 HOSTILE = {
-    "vmdk": lambda d: images.other_format(d, "vmdk"),
-    "backing": images.backing_path,
-    "luks": images.luks_qcow2,
+    "vmdk": lambda d: sample_images.other_format(d, "vmdk"),
+    "backing": sample_images.backing_path,
+    "luks": sample_images.luks_qcow2,
 }
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = start_server(tmp_path_factory.mktemp("early"), {"WEB_CONCURRENCY": "1"})
-    server.headers = server.account("early")
-    yield server
-    stop_server(server)
+    with server_with_account(tmp_path_factory.mktemp("early"), "early",
+                                 {"WEB_CONCURRENCY": "1"}) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import subprocess
 from datetime import datetime, timedelta
 
 import pytest
-from conftest import make_qcow2
+from conftest import make_qcow2, make_rows
 
 import image_changes
 from errors import ValidationError
@@ -247,17 +247,6 @@ def test_delete_with_file_already_gone_is_no_error(app, client, alice, upload):
 
 
 # Listing ---------------------------------------------------------------------------------
-
-def make_rows(account, count, prefix="img", start=None):
-    """Insert image rows directly, one second apart, oldest first (listing reads rows only)."""
-    start = start or datetime(2024, 1, 1)
-    Image.insert_many([
-        {"author": account.user, "user": account.user, "name": f"{prefix}{i}",
-         "storage_key": f"{prefix}-{account.user.id}-{i}", "size": 1, "virtual_size": 1,
-         "sha256": "0" * 64, "created_at": start + timedelta(seconds=i)}
-        for i in range(count)
-    ]).execute()
-
 
 def test_empty_list(client, alice):
     response = client.get("/images", headers=alice.headers)

@@ -86,7 +86,7 @@ def request(service, method, path, token=None, body=None, headers=None, timeout=
         all_headers = dict(headers or {})
         if token:
             all_headers["Authorization"] = f"Bearer {token}"
-        # FACTS.md: an early answer closes the socket; the answer is still there to read.
+        # docs/platform.md: an early answer closes the socket; the answer is still there to read.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             conn.request(method, path, body=body, headers=all_headers)
         response = conn.getresponse()

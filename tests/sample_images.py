@@ -241,7 +241,7 @@ def data_file_extension_only(directory: Path) -> Path:
 # --- encryption --------------------------------------------------------------------------
 
 def _retry(make, attempts: int = 20):
-    """Call make() until it succeeds: LUKS creation fails now and then (FACTS.md).
+    """Call make() until it succeeds: LUKS creation fails now and then (docs/platform.md).
 
     qemu-img times a PBKDF2 run by thread CPU time and gives up ("Unable to get accurate CPU
     usage") when that reads 0 ms; on a busy machine that happens often, but fails fast.

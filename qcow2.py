@@ -29,7 +29,8 @@ from dataclasses import dataclass, replace
 # 7.2 is the oldest release series with the CVE-2024-4467 fix (in 7.2.13, and in 9.1): since
 # then `qemu-img info` no longer opens a qcow2's external data file, so it stays a safe second
 # line behind the header check. 7.2 also reads every feature the header check lets through
-# (zstd compression from 5.1, extended L2 entries from 5.2), the facts in docs/platform.md too.
+# (zstd compression from 5.1, extended L2 entries from 5.2), and the facts in docs/platform.md
+# were measured on it.
 MIN_QEMU_IMG_VERSION = (7, 2)
 
 QEMU_IMG = "qemu-img"

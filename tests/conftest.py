@@ -190,17 +190,26 @@ def server_with_account(folder, username, extra_env=None):
         stop_server(server)
 
 
+def read_answers(sock, count=1):
+    """The first count HTTP answers on a raw socket, each (status, head, body); an answer
+    that arrives in the same read as the one before it is kept for its turn."""
+    data, answers = b"", []
+    while len(answers) < count:
+        while b"\r\n\r\n" not in data and (piece := sock.recv(65536)):
+            data += piece
+        head, _, data = data.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        while len(data) < length and (piece := sock.recv(65536)):
+            data += piece
+        answers.append((int(head.split()[1]), head, data[:length]))
+        data = data[length:]
+    return answers
+
+
 def read_answer(sock):
     """(status, head, body) of the HTTP answer on a raw socket."""
-    data = b""
-    while b"\r\n\r\n" not in data and (piece := sock.recv(65536)):
-        data += piece
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length:"))
-    while len(body) < length and (piece := sock.recv(65536)):
-        body += piece
-    return int(head.split()[1]), head, body
+    return read_answers(sock)[0]
 
 
 def files_under(folder):

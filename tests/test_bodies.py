@@ -10,7 +10,7 @@ import socket
 import time
 
 import pytest
-from conftest import files_under, read_answer, server_with_account
+from conftest import files_under, read_answer, read_answers, server_with_account
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +166,9 @@ def test_chunked_multipart_body_cut_off_is_400(server, qcow2_bytes):
     assert stored_files(server) == kept
 
 
-def upload_raw(server, data, name, chunks=None, then=b""):
+def send_upload(server, data, name, chunks=None, then=b""):
     """POST data with a Content-Length, or chunked in pieces of the given sizes, then send
-    `then` on the same connection; return the answer (status, head, JSON body)."""
+    `then` on the same connection; return the socket."""
     port = int(server.url.rsplit(":", 1)[1])
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     head = (f"POST /images?name={name} HTTP/1.1\r\nHost: x\r\n"
@@ -184,6 +184,12 @@ def upload_raw(server, data, name, chunks=None, then=b""):
     # A server that answers before the end may hang up before it all went (a 413).
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         sock.sendall(head.encode() + b"\r\n" + body + then)
+    return sock
+
+
+def upload_raw(server, data, name, chunks=None):
+    """send_upload, then its answer: (socket, status, head, JSON body)."""
+    sock = send_upload(server, data, name, chunks)
     status, head, answer = read_answer(sock)
     return sock, status, head, json.loads(answer)
 
@@ -205,11 +211,11 @@ def test_the_next_request_on_the_connection_starts_after_the_body(server, qcow2_
                                                                   chunks):
     """The body read from gunicorn's socket, gunicorn still knows where the next request
     starts: one sent right behind the upload is answered on the same connection."""
-    sock, status, head, _ = upload_raw(server, qcow2_bytes, f"next{bool(chunks)}", chunks,
-                                       then=b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert (status, b"keep-alive" in head.lower()) == (201, True)
-    next_status, _, next_answer = read_answer(sock)
+    sock = send_upload(server, qcow2_bytes, f"next{bool(chunks)}", chunks,
+                       then=b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    (status, head, _), (next_status, _, next_answer) = read_answers(sock, 2)
     sock.close()
+    assert (status, b"keep-alive" in head.lower()) == (201, True)
     assert (next_status, json.loads(next_answer)) == (200, {"status": "ok"})
 
 

@@ -127,11 +127,18 @@ class Image(BaseModel):
     user = ForeignKeyField(User, backref="images")
     namespace = ForeignKeyField(Namespace, null=True, backref="images")
     name = CharField(max_length=64)
-    storage_key = CharField(max_length=128, unique=True)
-    size = BigIntegerField()
-    virtual_size = BigIntegerField()
-    sha256 = CharField(max_length=64)
+    # The file's columns are NULL only while an import from a URL has not finished.
+    storage_key = CharField(max_length=128, unique=True, null=True)
+    size = BigIntegerField(null=True)
+    virtual_size = BigIntegerField(null=True)
+    sha256 = CharField(max_length=64, null=True)
     created_at = DateTimeField(default=utcnow, index=True)
+    # An import from a URL (API.md "import from a URL"); all NULL for an uploaded image.
+    download_source = TextField(null=True)  # the URL as shown: any password removed
+    download_error = TextField(null=True)
+    download_created_at = DateTimeField(null=True)
+    download_started_at = DateTimeField(null=True)
+    download_finished_at = DateTimeField(null=True)
 
     class Meta:
         indexes = (

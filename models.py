@@ -18,6 +18,7 @@ from peewee import (
     TextField,
 )
 from playhouse.db_url import connect
+from playhouse.pool import PooledDatabase
 
 db = DatabaseProxy()
 
@@ -168,10 +169,42 @@ def open_database(url):
     """
     options = {}
     if url.startswith("sqlite"):
-        options = {"pragmas": SQLITE_PRAGMAS, "timeout": SQLITE_BUSY_TIMEOUT}
-    database = connect(url, unquote_password=True, unquote_user=True, **options)
+        # A pooled connection serves one request, then another thread's: sqlite3 must
+        # allow that (each is used by one thread at a time, which is what it guards).
+        options = {"pragmas": SQLITE_PRAGMAS, "timeout": SQLITE_BUSY_TIMEOUT,
+                   "check_same_thread": False}
+    if db.obj is not None:
+        release_connections()  # an earlier call's (tests make many apps in one process)
+    database = connect(pooled_url(url), unquote_password=True, unquote_user=True,
+                       **options, **POOL_OPTIONS)
     db.initialize(database)
     return database
+
+
+# Connections are kept for the next request instead of made again for each: opening one
+# (and setting SQLite's pragmas) was most of a list page's time (docs/benchmarks.md).
+# No cap: the pool never holds more than the most requests served at once, which is what
+# the service opened without it; a connection is made again after STALE seconds, so that
+# none outlives a database restart for long.
+POOL_OPTIONS = {"max_connections": 0, "stale_timeout": 300}
+POOLED_SCHEMES = {"sqlite": "sqlite+pool", "postgres": "postgres+pool",
+                  "postgresql": "postgresql+pool"}
+
+
+def release_connections():
+    """Close this thread's connection and every idle one that the pool keeps."""
+    if not db.is_closed():
+        db.close()
+    if isinstance(db.obj, PooledDatabase):
+        db.obj.close_idle()
+
+
+def pooled_url(url):
+    """url with playhouse.db_url's pooled scheme (sqlite+pool://…) where it has one."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in POOLED_SCHEMES or rest in ("", "/", "/:memory:"):
+        return url  # an in-memory database is one per connection: never pool it
+    return f"{POOLED_SCHEMES[scheme]}://{rest}"
 
 
 # SQLite removes a database's -wal and -shm files when its last connection closes, and

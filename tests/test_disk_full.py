@@ -19,7 +19,7 @@ from peewee import OperationalError
 
 from app import create_app
 from auth import issue_token, parse_scopes
-from models import Image, User, db, keep_wal
+from models import Image, User, db, keep_wal, release_connections
 from staging import free_bytes
 
 
@@ -123,8 +123,7 @@ def released(built):
     try:
         yield built
     finally:
-        if not db.is_closed():
-            db.close()
+        release_connections()
         keep_wal(None)
 
 

@@ -3,7 +3,7 @@
 import pytest
 from conftest import free_port
 
-from models import open_database
+from models import open_database, release_connections
 
 
 def test_unknown_route_is_json_404(client):
@@ -73,6 +73,7 @@ def test_healthz_reports_database_failure(app, client, tmp_path):
         for suffix in ("", "-wal", "-shm"):
             (tmp_path / f"test.sqlite3{suffix}").unlink(missing_ok=True)
         (tmp_path / "test.sqlite3").mkdir()
+        release_connections()  # the pool's open ones would still read the unlinked file
     response = client.get("/healthz")
     assert response.status_code == 503
     assert response.json == {"status": "database unavailable"}

@@ -12,6 +12,7 @@ from models import create_tables, db, keep_wal, open_database, use_wal
 from queries import has_image_with_key
 from recovery import recover
 from storage import storage_from_url
+from ui import register_ui
 
 
 def create_app(test_config=None, instance_path=None, prepare=True):
@@ -21,7 +22,8 @@ def create_app(test_config=None, instance_path=None, prepare=True):
     workers pass prepare=False when their master has done that already (wsgi.py), and only
     clear up after a killed worker they may be replacing (recover_leftovers).
     """
-    app = Flask(__name__, instance_path=instance_folder(instance_path))
+    # static/ is the web UI's, served under /ui/static/ by its blueprint (ui.py), not at /static.
+    app = Flask(__name__, instance_path=instance_folder(instance_path), static_folder=None)
     app.config.from_mapping(load_config(app.instance_path))
     app.config.update(test_config or {})
     # Werkzeug's own cap, for what it reads itself: a multipart form is parsed (spooled to
@@ -50,6 +52,7 @@ def create_app(test_config=None, instance_path=None, prepare=True):
     register_error_handlers(app)
     register_cli(app)
     app.register_blueprint(bp)
+    register_ui(app)
     return app
 
 

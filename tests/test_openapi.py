@@ -21,11 +21,12 @@ def _shape(path):
 
 
 def route_operations(app):
-    """(path, method) of every route the app answers, without static files, OPTIONS and
-    the HEAD that Flask adds to every GET (the document lists HEAD where the API promises it)."""
+    """(path, method) of every route the app answers, without static files, the web UI's
+    pages (ui.*, not the API), OPTIONS and the HEAD that Flask adds to every GET (the
+    document lists HEAD where the API promises it)."""
     found = set()
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":
+        if rule.endpoint == "static" or rule.endpoint.startswith("ui."):
             continue
         for method in rule.methods - {"OPTIONS", "HEAD"}:
             found.add((_shape(rule.rule), method.lower()))

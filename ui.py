@@ -54,6 +54,8 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 LINK_EXPIRIES = ((3600, "1 hour"), (86400, "1 day"), (7 * 86400, "7 days"))
+# An image one may not see is a missing one (access.py): the page says no more.
+NO_SUCH_PAGE = "There is no such page."
 # The environment variable the imagestore client reads its token from (issue 14).
 TOKEN_VARIABLE = "IMAGESTORE_TOKEN"
 
@@ -132,7 +134,7 @@ def guard_post():
         raise CsrfRefused()
     if g.viewer is None and request.endpoint != "ui.sign_in":
         return redirect(url_for("ui.sign_in"), 303)
-    sent = request.headers.get("X-CSRF-Token") or request.form.get("csrf_token") or ""
+    sent = request.form.get("csrf_token") or ""
     if not hmac.compare_digest(sent.encode(), expected.encode()):
         raise CsrfRefused()
     return None
@@ -434,7 +436,8 @@ def csrf_refused(error):
 
 @bp.errorhandler(ApiError)
 def api_error(error):
-    return error_page(error.status, error.message, error.headers)
+    message = NO_SUCH_PAGE if error.status == 404 else error.message
+    return error_page(error.status, message, error.headers)
 
 
 @bp.errorhandler(ValidationError)
@@ -444,7 +447,7 @@ def validation_error(error):
 
 @bp.errorhandler(HTTPException)
 def http_error(error):
-    message = "There is no such page." if error.code == 404 else error.description
+    message = NO_SUCH_PAGE if error.code == 404 else error.description
     return error_page(error.code or 500, message)
 
 

@@ -381,9 +381,9 @@ def upload():
         return render_template("upload.html", values=values, errors=error.fields,
                                token=session["token"]), 400
     page = url_for("ui.image_page", image_id=image.id)
+    flash(f"Stored {image.name}.")
     if wants_json():
         return jsonify(location=page), 201, {"Location": page}
-    flash(f"Stored {image.name}.")
     return redirect(page, 303)
 
 

@@ -58,6 +58,8 @@ def chromium(javascript=True, width=1280, height=900):
         options.add_argument(argument)
     if os.geteuid() == 0:
         options.add_argument("--no-sandbox")  # chromium's sandbox refuses to run as root
+    # The console's messages, for the tests' check that no page broke its own CSP.
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     if not javascript:
         options.add_experimental_option(
             "prefs", {"profile.managed_default_content_settings.javascript": 2})

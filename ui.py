@@ -64,6 +64,10 @@ class CsrfRefused(Exception):
     """A form came without the CSRF token of this session."""
 
 
+class SignInNeeded(Exception):
+    """The page needs a signed-in user: the sign-in page, and back here after."""
+
+
 class UiSession(SecureCookieSessionInterface):
     """Flask's signed session cookie, Secure whenever the page was asked for over HTTPS
     (directly, or through a proxy whose X-Forwarded-Proto the operator trusts) or the
@@ -133,7 +137,7 @@ def guard_post():
     if not expected:
         raise CsrfRefused()
     if g.viewer is None and request.endpoint != "ui.sign_in":
-        return redirect(url_for("ui.sign_in"), 303)
+        return redirect(url_for("ui.sign_in_form"), 303)
     sent = request.form.get("csrf_token") or ""
     if not hmac.compare_digest(sent.encode(), expected.encode()):
         raise CsrfRefused()
@@ -155,10 +159,9 @@ def may(scope):
 def need(scope):
     """Go on only when signed in with scope; else the sign-in page, or a 403 page."""
     if g.viewer is None:
-        return redirect(url_for("ui.sign_in", next=request.full_path))
+        raise SignInNeeded()
     if scope not in g.scopes:
         raise ApiError(403, f"Your token lacks the {scope} scope: sign in with one that has it")
-    return None
 
 
 @bp.context_processor
@@ -314,9 +317,7 @@ def command_lines(image, public_root):
 @bp.post("/ui/images/<int:image_id>/links")
 def make_link(image_id):
     """A signed link as POST /images/:id/links makes it, with its QEMU lines."""
-    refused = need("image:read")
-    if refused:
-        return refused
+    need("image:read")
     image = readable_image(g.viewer, image_id)
     try:
         expires_in = parse_expires_in(request.form.get("expires_in"))
@@ -338,9 +339,7 @@ def link_lines(url, name, expires_at):
 
 @bp.get("/ui/images/<int:image_id>/delete")
 def confirm_delete(image_id):
-    refused = need("image:delete")
-    if refused:
-        return refused
+    need("image:delete")
     image = writable_image(g.viewer, image_id)
     return render_template("delete.html", image=image_json(image, base_url()))
 
@@ -348,9 +347,7 @@ def confirm_delete(image_id):
 @bp.post("/ui/images/<int:image_id>/delete")
 def delete(image_id):
     """Remove the image, as DELETE /images/:id does."""
-    refused = need("image:delete")
-    if refused:
-        return refused
+    need("image:delete")
     image = writable_image(g.viewer, image_id)
     image_changes.delete_image(image, current_app.extensions["storage"])
     flash(f"Deleted {image.name}.")
@@ -361,17 +358,15 @@ def delete(image_id):
 
 @bp.get("/ui/upload")
 def upload_form():
-    refused = need("image:write")
-    return refused or render_template("upload.html", values={}, errors={}, token=session["token"])
+    need("image:write")
+    return render_template("upload.html", values={}, errors={}, token=session["token"])
 
 
 @bp.post("/ui/upload")
 def upload():
     """The form's file, stored by the rules of POST /images; the image's page after, or
     the form again with the reasons. The upload script gets JSON instead."""
-    refused = need("image:write")
-    if refused:
-        return refused
+    need("image:write")
     values = {"name": request.form.get("name", ""), "namespace": request.form.get("namespace", "")}
     try:
         image = store_upload(g.viewer, values["name"], values["namespace"].strip() or None)
@@ -426,6 +421,12 @@ def error_page(status, message, headers=None):
     if wants_json():
         return jsonify(message=message), status, kept
     return render_template("error.html", status=status, message=message), status, kept
+
+
+@bp.errorhandler(SignInNeeded)
+def sign_in_needed(error):
+    target = request.full_path.rstrip("?") if request.method == "GET" else None
+    return redirect(url_for("ui.sign_in_form", next=target), 303)
 
 
 @bp.errorhandler(CsrfRefused)

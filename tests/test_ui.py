@@ -387,7 +387,7 @@ def test_the_upload_script_gets_json_answers(client, alice, qcow2_bytes, tmp_pat
 
 
 def test_the_upload_page_needs_a_token_that_may_write(client, make_account, qcow2_bytes):
-    assert client.get("/ui/upload").headers["Location"] == "/ui/sign-in?next=/ui/upload?"
+    assert client.get("/ui/upload").headers["Location"] == "/ui/sign-in?next=/ui/upload"
     csrf = sign_in(client, make_account("reader", "image:read"))
     assert client.get("/ui/upload").status_code == 403
     response = post_form_upload(client, csrf, qcow2_bytes)

@@ -276,16 +276,18 @@ def deletable(image_id):
 
 @bp.get("/ui/images/<int:image_id>")
 def image_page(image_id):
-    return render_image(viewable_image(image_id))
+    """The image's page; ?stored=1 is where a tus upload's script lands when it is done."""
+    return render_image(viewable_image(image_id), stored=request.args.get("stored") == "1")
 
 
-def render_image(image, link=None, status=200):
+def render_image(image, link=None, status=200, stored=False):
     """The image's page: every field, the lines to fetch and boot it, a link if made."""
     shown = image_json(image, base_url())
     public_root = image.namespace_id is not None and image.namespace.root.visibility == "public"
     return render_template(
         "image.html", image=shown, lines=command_lines(shown, public_root), link=link,
         expiries=LINK_EXPIRIES, can_delete=deletable(image.id), public_root=public_root,
+        stored=stored,
     ), status
 
 

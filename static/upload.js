@@ -140,7 +140,8 @@
       },
       onSuccess: function () {
         const id = imageLocation && imageLocation.match(/\/images\/(\d+)$/);
-        window.location.assign(id ? form.dataset.imagePage + id[1] : form.dataset.imagePage.replace(/images\/$/, ""));
+        window.location.assign(id ? form.dataset.imagePage + id[1] + "?stored=1"
+          : form.dataset.imagePage.replace(/images\/$/, ""));
       },
       onError: function (error) {
         finish();

@@ -86,14 +86,16 @@ class Person:
         self.find("form.stacked button[type=submit]").click()
         self.wait_for(lambda: "Signed in as" in self.text(), "the signed-in page")
 
-    def upload(self, path, name, namespace=""):
-        """Fill in the upload form and send it."""
+    def upload(self, path, name, namespace="", script=None):
+        """Fill in the upload form and send it (after running script in the page)."""
         self.go("/ui/upload")
         self.find("#name").send_keys(name)
         if namespace:
             self.find("#namespace").send_keys(namespace)
         self.find("#file").send_keys(str(path))
         self.record_progress()
+        if script:
+            self.driver.execute_script(script)
         self.find("#upload-button").click()
 
     def record_progress(self):
@@ -205,7 +207,7 @@ def test_the_keyboard_alone_signs_in_and_shows_where_it_is(person):
 def test_an_uploaded_qcow2_shows_its_progress_and_is_listed(person, image_file):
     person.sign_in()
     person.upload(image_file, "alpine-progress", "team")
-    person.wait_for_path(r"/ui/images/\d+")
+    person.wait_for_path(r"/ui/images/\d+(\?stored=1)?")
     assert "Stored alpine-progress." in person.text()
     value, maximum = json.loads(person.recorded("progress"))[-1]
     assert value == maximum >= image_file.stat().st_size  # the form's body, or the file (tus)
@@ -249,15 +251,85 @@ def test_the_upload_form_works_without_javascript(live, image_file, tmp_path):
         browser.quit()
 
 
-def test_tus_is_used_when_the_server_speaks_it(person, image_file):
-    if not tus_served(person.server):
-        pytest.skip("no tus server at /uploads on this branch yet: the page used "
-                    "XMLHttpRequest to /ui/upload (test_an_uploaded_qcow2_shows_...)")
+def test_without_tus_the_page_sends_the_form_in_one_request(person, image_file):
     person.sign_in()
-    person.upload(image_file, "alpine-tus")
+    person.go("/ui/upload")
+    person.driver.execute_script("window.tus.isSupported = false")  # as an old browser
+    person.find("#name").send_keys("alpine-xhr")
+    person.find("#file").send_keys(str(image_file))
+    person.record_progress()
+    person.find("#upload-button").click()
     person.wait_for_path(r"/ui/images/\d+")
+    assert "Stored alpine-xhr." in person.text()
+    assert person.recorded("via") == "xhr"
+    value, maximum = json.loads(person.recorded("progress"))[-1]
+    assert value == maximum > image_file.stat().st_size  # the whole multipart body
+
+
+# The Upload-Offset of each PATCH the page sends, kept in sessionStorage.
+RECORD_OFFSETS = """
+    const setHeader = XMLHttpRequest.prototype.setRequestHeader;
+    XMLHttpRequest.prototype.setRequestHeader = function (name, value) {
+      if (name.toLowerCase() === 'upload-offset') {
+        const sent = JSON.parse(sessionStorage.getItem('offsets') || '[]');
+        sessionStorage.setItem('offsets', JSON.stringify([...sent, Number(value)]));
+      }
+      return setHeader.apply(this, arguments);
+    };"""
+CUT_AFTER_FIRST_PIECE = RECORD_OFFSETS + """
+    // Once the first piece is in (204), no PATCH leaves the page (as if the network
+    // went down) and the person leaves for another page.
+    const open = XMLHttpRequest.prototype.open;
+    const send = XMLHttpRequest.prototype.send;
+    XMLHttpRequest.prototype.open = function (method) {
+      this.isPatch = method === 'PATCH';
+      if (this.isPatch) {
+        this.addEventListener('load', () => {
+          if (this.status === 204 && !sessionStorage.getItem('cut')) {
+            sessionStorage.setItem('cut', this.getResponseHeader('Upload-Offset'));
+            window.location.assign('/ui/');
+          }
+        });
+      }
+      return open.apply(this, arguments);
+    };
+    XMLHttpRequest.prototype.send = function () {
+      if (this.isPatch && sessionStorage.getItem('cut')) {
+        return undefined;
+      }
+      return send.apply(this, arguments);
+    };"""
+
+
+@pytest.fixture
+def two_piece_image(tmp_path):
+    """A real qcow2 of some 80 MiB of data: two of the upload script's 64 MiB pieces."""
+    path = make_qcow2(tmp_path / "big.qcow2", "128M")
+    return sample_images.write_data(path, (0, 80 << 20))
+
+
+def test_a_cut_off_upload_resumes_through_tus_where_it_stopped(person, two_piece_image):
+    if not tus_served(person.server):
+        pytest.skip("no tus server at /uploads on this branch: the page sends the form "
+                    "with XMLHttpRequest (test_without_tus_...) and cannot resume")
+    person.sign_in()
+    person.upload(two_piece_image, "alpine-tus", script=CUT_AFTER_FIRST_PIECE)
+    person.wait_for_path("/ui/")
+    cut = int(person.recorded("cut"))
+    assert cut == 64 << 20 and json.loads(person.recorded("offsets")) == [0, cut]
+    person.driver.execute_script("sessionStorage.removeItem('offsets')")
+    # The same file, name and namespace again: the script finds the upload and goes on.
+    person.upload(two_piece_image, "alpine-tus", script=RECORD_OFFSETS)
+    person.wait_for_path(r"/ui/images/\d+\?stored=1")
+    assert "Stored alpine-tus." in person.text()
     assert person.recorded("via") == "tus"
-    assert person.find("h1").text == "alpine-tus"
+    assert json.loads(person.recorded("offsets")) == [cut]  # only the rest was sent
+    image_id = int(person.path().split("/")[-1].split("?")[0])
+    request = urllib.request.Request(f"{person.server.url}/images/{image_id}",
+                                     headers=person.server.headers)
+    with urllib.request.urlopen(request, timeout=WAIT) as response:
+        stored = json.load(response)
+    assert stored["sha256"] == hashlib.sha256(two_piece_image.read_bytes()).hexdigest()
 
 
 # --- an image's page -------------------------------------------------------------------------

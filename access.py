@@ -31,3 +31,12 @@ def writable_image(user, image_id):
     if image.namespace_id is None and image.user_id != user.id:
         raise not_found()
     return image
+
+
+def public_image(image_id):
+    """The image if anyone may read it without a token (its namespace's root is public),
+    else the same 404 as for a missing id."""
+    image = find_image(image_id)
+    if image is None or image.namespace_id is None or image.namespace.root.visibility != "public":
+        raise not_found()
+    return image

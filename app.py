@@ -12,6 +12,9 @@ from models import create_tables, db, keep_wal, open_database, use_wal
 from queries import has_image_with_key
 from recovery import recover
 from storage import storage_from_url
+from tus import bp as tus_bp
+from tusuploads import sweep_expired
+from ui import register_ui
 
 
 def create_app(test_config=None, instance_path=None, prepare=True):
@@ -21,7 +24,8 @@ def create_app(test_config=None, instance_path=None, prepare=True):
     workers pass prepare=False when their master has done that already (wsgi.py), and only
     clear up after a killed worker they may be replacing (recover_leftovers).
     """
-    app = Flask(__name__, instance_path=instance_folder(instance_path))
+    # static/ is the web UI's, served under /ui/static/ by its blueprint (ui.py), not at /static.
+    app = Flask(__name__, instance_path=instance_folder(instance_path), static_folder=None)
     app.config.from_mapping(load_config(app.instance_path))
     app.config.update(test_config or {})
     # Werkzeug's own cap, for what it reads itself: a multipart form is parsed (spooled to
@@ -32,7 +36,8 @@ def create_app(test_config=None, instance_path=None, prepare=True):
 
     open_database(app.config["DATABASE_URL"])
     app.extensions["storage"] = storage_from_url(
-        app.config["STORAGE_URL"], app.config["STAGING_DIR"], app.config["S3_REDIRECT_DOWNLOADS"])
+        app.config["STORAGE_URL"], app.config["STAGING_DIR"], app.config["S3_REDIRECT_DOWNLOADS"],
+        app.config["UPLOAD_EXPIRY"])
     if prepare:
         prepare_instance(app)
     else:
@@ -50,6 +55,8 @@ def create_app(test_config=None, instance_path=None, prepare=True):
     register_error_handlers(app)
     register_cli(app)
     app.register_blueprint(bp)
+    app.register_blueprint(tus_bp)
+    register_ui(app)
     return app
 
 
@@ -68,6 +75,7 @@ def prepare_instance(app):
     create_tables()
     with db.connection_context():
         recover(app.extensions["storage"], has_image_with_key)
+        sweep_expired(app.extensions["storage"])
 
 
 def recover_leftovers(app):
@@ -80,6 +88,7 @@ def recover_leftovers(app):
     try:
         with db.connection_context():
             recover(app.extensions["storage"], has_image_with_key)
+            sweep_expired(app.extensions["storage"])
     except Exception:  # logged with its traceback; the worker serves on
         app.logger.exception("recovery at worker start failed; the next start or "
                              "`flask --app app sweep` will do it")

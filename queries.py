@@ -169,3 +169,25 @@ def has_image_with_key(key):
 def image_keys():
     """The storage keys of every image row (the sweep's list of files to keep)."""
     return {key for (key,) in Image.select(Image.storage_key).tuples()}
+
+
+def _public_namespaces():
+    """Ids of the namespaces under a public root: anyone may read their images."""
+    root = Namespace.alias()
+    return (Namespace.select(Namespace.id).join(root, on=(Namespace.root == root.id))
+            .where(root.visibility == "public"))
+
+
+def list_public_images(search, page):
+    """One page of the images under public roots, of every user, newest first, as rows of
+    representations.IMAGE_ROW; returns (rows, has_next). The web UI's list for a visitor
+    without a token."""
+    if page > MAX_PAGE:
+        return [], False
+    query = _with_relations(image_row_columns).where(Image.namespace.in_(_public_namespaces()))
+    if search:
+        query = query.where(_name_contains(_like_pattern(search)))
+    query = (query.order_by(Image.created_at.desc(), Image.id.desc())
+             .limit(PAGE_SIZE + 1).offset((page - 1) * PAGE_SIZE))
+    rows = [list(row) for row in query.tuples()]
+    return rows[:PAGE_SIZE], len(rows) > PAGE_SIZE

@@ -19,6 +19,7 @@ import pytest
 from conftest import ROOT
 
 import jobs
+from config import load_config
 from models import Job, db, utcnow, write_transaction
 
 DEADLINE = 60  # seconds: generous, for a busy machine
@@ -329,3 +330,22 @@ def test_stopping_lets_a_handler_hand_its_job_back(make_app, kinds, job_threads)
     assert not any(t.name.startswith("jobs-") for t in threading.enumerate())
     job = Job.get()
     assert (job.state, job.attempts, job.claimed_by) == ("pending", 0, None)
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("JOB_THREADS", "-1", "JOB_THREADS must be a whole number of 0 or more, not '-1'"),
+    ("JOB_LEASE", "0", "JOB_LEASE must be a number of seconds above 0, not '0'"),
+    ("JOB_POLL_INTERVAL", "soon", "JOB_POLL_INTERVAL must be a number of seconds above 0"),
+    ("WEBHOOK_BACKOFF", "30,,60", "WEBHOOK_BACKOFF must be seconds separated by commas"),
+    ("WEBHOOK_BACKOFF", "30,-1", "WEBHOOK_BACKOFF must be seconds separated by commas"),
+])
+def test_a_bad_job_setting_is_refused_by_name(tmp_path, name, value, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(str(tmp_path), {"SECRET_KEY": "k" * 40, name: value})
+
+
+def test_job_settings_are_read_from_the_environment(tmp_path):
+    config = load_config(str(tmp_path), {"SECRET_KEY": "k" * 40, "JOB_THREADS": "0",
+                                         "WEBHOOK_BACKOFF": "0.5, 2,10", "JOB_LEASE": "60"})
+    assert (config["JOB_THREADS"], config["JOB_LEASE"]) == (0, 60.0)
+    assert config["WEBHOOK_BACKOFF"] == (0.5, 2.0, 10.0)

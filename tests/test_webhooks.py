@@ -319,12 +319,13 @@ def test_gunicorn_delivers_created_and_deleted(tmp_path, receiver, qcow2_bytes):
         assert call("DELETE", image["url"], server.headers) == (204, None)
         team.wait_for(2)
         lines = server.flask("webhook", "deliveries", webhook_id).splitlines()
+    assert server.process.returncode == 0  # the job threads let the workers exit cleanly
+    assert "Traceback" not in server.log_text()
     assert sorted(json.loads(r["body"])["action"] for r in team.requests) == [
         "created", "deleted"]
     assert all(r["signed"] and json.loads(r["body"])["image"] == image for r in team.requests)
     assert sorted(line.split("\t")[1:] for line in lines) == [
         ["created", "1", "200"], ["deleted", "1", "200"]]
-    assert "Traceback" not in server.log_text()
 
 
 def test_gunicorn_loses_no_event_when_its_workers_are_killed(tmp_path, receiver, qcow2_bytes):

@@ -102,7 +102,8 @@ def create_image():
             info = inspect_qcow2(staged.path, max_virtual, config["QEMU_IMG_SLOTS"])
         except ImageRefused as refusal:
             raise ValidationError("file", refusal_message(refusal)) from None
-        image = image_changes.create_image(plan, storage(), staged, size, sha256, info)
+        image = image_changes.create_image(plan, storage(), staged, size, sha256, info,
+                                           base_url=base_url())
     body = image_json(image, base_url())
     return jsonify(body), 201, {"Location": body["url"]}
 
@@ -138,7 +139,7 @@ def get_image(image_id):
 @require_scope("image:delete")
 def delete_image(image_id):
     """Remove the image's row and file."""
-    image_changes.delete_image(writable_image(g.user, image_id), storage())
+    image_changes.delete_image(writable_image(g.user, image_id), storage(), base_url())
     response = Response(status=204)
     del response.headers["Content-Type"]
     return response

@@ -3,6 +3,8 @@
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+import jobs
+import webhooks
 from api import bp
 from cli import register_cli
 from config import instance_folder, load_config
@@ -49,6 +51,11 @@ def create_app(test_config=None, instance_path=None, prepare=True):
     def close_db(exc):
         if not db.is_closed():
             db.close()
+
+    # Job kinds and settings only: the threads start in serving processes alone
+    # (gunicorn.conf.py's post_worker_init), never in CLI commands or tests.
+    jobs.configure(app.config)
+    webhooks.register_job(app.config)
 
     if app.config["TRUST_PROXY_HEADERS"]:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)

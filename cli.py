@@ -1,18 +1,25 @@
-"""Admin commands: `flask --app app user|token|namespace ...`, init-db and sweep."""
+"""Admin commands: `flask --app app user|token|namespace|webhook|job ...`, init-db and sweep."""
+
+from datetime import UTC, datetime
 
 import click
 from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 from peewee import IntegrityError, fn
 
+import jobs
+import webhooks
 from auth import issue_token, parse_scopes
 from errors import ValidationError
 from models import (
     VISIBILITIES,
     Collaborator,
+    Job,
     Namespace,
     Token,
     User,
+    Webhook,
+    WebhookDelivery,
     write_transaction,
 )
 from namespaces import MAX_USERNAME, USERNAME, ensure_namespace, find_namespace, parse_namespace_ref
@@ -24,6 +31,8 @@ from tusuploads import sweep_expired
 user_cli = AppGroup("user", help="Manage users.")
 token_cli = AppGroup("token", help="Manage API tokens.")
 namespace_cli = AppGroup("namespace", help="Manage namespaces.")
+webhook_cli = AppGroup("webhook", help="Manage the webhooks of namespaces.")
+job_cli = AppGroup("job", help="See and run background jobs.")
 
 
 def _user(username):
@@ -192,6 +201,82 @@ def add_collaborator(ref, username):
     click.echo(f"{username} collaborates on {ns.root.path}@{parsed.owner}")
 
 
+def _owned_namespace(ref):
+    """The namespace that PATH@OWNER names, or a clear failure."""
+    parsed = _ref(ref)
+    if parsed.owner is None:
+        raise click.BadParameter("name the owner: PATH@OWNER", param_hint="REF")
+    ns = find_namespace(_user(parsed.owner), parsed.path)
+    if ns is None:
+        raise click.ClickException(f"no namespace {ref!r}")
+    return ns
+
+
+def _webhook(webhook_id):
+    webhook = Webhook.get_or_none(Webhook.id == webhook_id)
+    if webhook is None:
+        raise click.ClickException(f"no webhook with id {webhook_id}")
+    return webhook
+
+
+@webhook_cli.command("create")
+@click.argument("ref")
+@click.argument("url")
+@click.option("--secret", required=True, help="signs each delivery (X-Djinn-CI-Signature)")
+def create_webhook(ref, url, secret):
+    """Send the images events of PATH@OWNER and its children to URL; print the id."""
+    namespace = _owned_namespace(ref)
+    try:
+        webhook = webhooks.add_webhook(namespace, url, secret)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+    click.echo(webhook.id)
+
+
+@webhook_cli.command("list")
+@click.argument("ref")
+def list_webhooks(ref):
+    """Print id, URL and creation time of each webhook of PATH@OWNER (never the secret)."""
+    namespace = _owned_namespace(ref)
+    for webhook in Webhook.select().where(Webhook.namespace == namespace).order_by(Webhook.id):
+        click.echo(f"{webhook.id}\t{webhook.url}\t{rfc3339(webhook.created_at)}")
+
+
+@webhook_cli.command("delete")
+@click.argument("webhook_id", type=int)
+def delete_webhook(webhook_id):
+    """Delete a webhook and its deliveries; events not yet sent are dropped."""
+    if not Webhook.delete().where(Webhook.id == webhook_id).execute():
+        raise click.ClickException(f"no webhook with id {webhook_id}")
+    click.echo(f"deleted {webhook_id}")
+
+
+@webhook_cli.command("deliveries")
+@click.argument("webhook_id", type=int)
+def list_deliveries(webhook_id):
+    """Print each try, newest last: time, action, try number, HTTP status or the error."""
+    tries = WebhookDelivery.select().where(WebhookDelivery.webhook == _webhook(webhook_id))
+    for sent in tries.order_by(WebhookDelivery.id):
+        outcome = sent.status if sent.error is None else sent.error
+        click.echo(f"{rfc3339(sent.created_at)}\t{sent.action}\t{sent.try_number}\t{outcome}")
+
+
+@job_cli.command("list")
+def list_jobs():
+    """Print each job not done: id, kind, state, tries, next run, last error."""
+    for job in Job.select().order_by(Job.id):
+        run_at = datetime.fromtimestamp(job.run_at, UTC).replace(tzinfo=None, microsecond=0)
+        click.echo(f"{job.id}\t{job.kind}\t{job.state}\t{job.attempts}\t{rfc3339(run_at)}"
+                   f"\t{job.last_error or '-'}")
+
+
+@job_cli.command("run")
+def run_jobs():
+    """Run the jobs that are due now, here in the foreground (where no gunicorn worker
+    runs them, e.g. beside `flask run`); print how many ran."""
+    click.echo(f"ran {jobs.run_due_jobs()} jobs")
+
+
 @click.command("init-db")
 @with_appcontext
 def init_db():
@@ -223,5 +308,5 @@ def sweep(min_age):
 
 def register_cli(app):
     """Attach the admin commands to the app's `flask` CLI."""
-    for command in (user_cli, token_cli, namespace_cli, init_db, sweep):
+    for command in (user_cli, token_cli, namespace_cli, webhook_cli, job_cli, init_db, sweep):
         app.cli.add_command(command)

@@ -55,6 +55,36 @@ def _positive(value, name):
     return number
 
 
+def _count(value, name):
+    """A whole number of 0 or more, or a ValueError naming the setting."""
+    if not str(value).strip().isdigit():
+        raise ValueError(f"{name} must be a whole number of 0 or more, not {value!r}")
+    return int(value)
+
+
+def _seconds(value, name):
+    """A number of seconds above 0, or a ValueError naming the setting."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0
+    if not number > 0:
+        raise ValueError(f"{name} must be a number of seconds above 0, not {value!r}")
+    return number
+
+
+def _schedule(value, name):
+    """'30,120,300' as seconds (30.0, 120.0, 300.0): waits of 0 or more, at least one."""
+    try:
+        waits = tuple(float(part) for part in str(value).split(","))
+    except ValueError:
+        waits = ()
+    if not waits or any(not wait >= 0 for wait in waits):
+        raise ValueError(f"{name} must be seconds separated by commas, e.g. 30,120,300, "
+                         f"not {value!r}")
+    return waits
+
+
 def instance_folder(path=None, environ=None):
     """The instance folder as an absolute path: `path`, else IMAGESTORE_INSTANCE, each taken
     relative to the current directory (Flask refuses a relative one); None for Flask's
@@ -156,4 +186,23 @@ def load_config(instance_path, environ=None):
         "QEMU_IMG_SLOTS": (os.path.join(instance_path, "qemu-img-slots"),
                            _positive(env.get("QEMU_IMG_SLOTS") or os.cpu_count() or 1,
                                      "QEMU_IMG_SLOTS")),
+        **_job_settings(env),
+    }
+
+
+def _job_settings(env):
+    """The background jobs' and webhooks' settings (docs/jobs.md)."""
+    return {
+        # Job threads in each serving process (gunicorn worker); 0: this process runs none.
+        "JOB_THREADS": _count(env.get("JOB_THREADS", "2"), "JOB_THREADS"),
+        # Longest wait before looking for work that another process queued.
+        "JOB_POLL_INTERVAL": _seconds(env.get("JOB_POLL_INTERVAL", "5"), "JOB_POLL_INTERVAL"),
+        # How long a claim holds without its heartbeat: a killed worker's job waits that long.
+        "JOB_LEASE": _seconds(env.get("JOB_LEASE", "30"), "JOB_LEASE"),
+        # Waits before the 2nd, 3rd, ... try of a webhook delivery (API.md: at least 5 tries
+        # over at least 10 minutes, the 3rd within 3 minutes of the 1st).
+        "WEBHOOK_BACKOFF": _schedule(env.get("WEBHOOK_BACKOFF", "30,120,300,600,1800"),
+                                     "WEBHOOK_BACKOFF"),
+        # Longest wait to connect and for each read of the answer; a try takes at most 3x.
+        "WEBHOOK_TIMEOUT": _seconds(env.get("WEBHOOK_TIMEOUT", "10"), "WEBHOOK_TIMEOUT"),
     }

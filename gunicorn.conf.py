@@ -70,3 +70,22 @@ def on_starting(server):
         raise RuntimeError(f"flask --app app init-db failed (exit status {returncode}), "
                            "so the instance is not ready to serve")
     os.environ["IMAGESTORE_PREPARED"] = "1"
+
+
+def post_worker_init(worker):
+    """Start the worker's background job threads (jobs.py: webhook deliveries, imports):
+    they run in every serving worker, so nothing beyond the Procfile's web line is needed."""
+    import jobs
+
+    jobs.start_job_threads(worker.wsgi)
+
+
+def worker_exit(server, worker):
+    """Stop the job threads of an exiting worker (a running job gets a few seconds, else
+    its claim lapses and another worker takes it over). gunicorn also calls this in the
+    master for a worker already gone; the master imports none of the app, so nothing then."""
+    import sys
+
+    jobs = sys.modules.get("jobs")
+    if jobs is not None:
+        jobs.stop_job_threads()

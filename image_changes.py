@@ -16,6 +16,7 @@ from models import Image, Namespace, User, write_transaction
 from namespaces import NamespaceRef, ensure_namespace, parse_namespace_ref, resolve_upload_target
 from queries import find_image
 from storage import StorageUnavailable
+from webhooks import emit
 
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 NAME_TAKEN = "Name already exists"
@@ -60,13 +61,16 @@ def _name_taken(owner, ref, namespace, name):
                                 Image.name == name).exists()
 
 
-def create_image(plan, storage, staged, size, sha256, info, put=None, record=None):
+def create_image(plan, storage, staged, size, sha256, info, base_url=None, put=None,
+                 record=None):
     """Move the inspected file into the store, then record it; a failure removes the file.
 
-    The file goes in first so that a crash leaves at worst a file without a row, never a
-    row without a file; put() leaves an intent on the key until the row is committed, so
-    that recovery.recover() finds such a file after a crash. The database settles a race
-    on the name: the loser's unique-index error becomes the same 400.
+    The `created` webhook event is queued in the same transaction (base_url: that of the
+    image's `url`; see _emit). The file goes in first so that a crash leaves at worst a
+    file without a row, never a row without a file; put() leaves an intent on the key
+    until the row is committed, so that recovery.recover() finds such a file after a
+    crash. The database settles a race on the name: the loser's unique-index error
+    becomes the same 400.
 
     put(staged) stores the file instead of storage.put (a finished tus upload stores its
     own); record(image), if given, runs in the row's transaction (it marks the upload done).
@@ -82,6 +86,7 @@ def create_image(plan, storage, staged, size, sha256, info, put=None, record=Non
                                  virtual_size=info.virtual_size, sha256=sha256)
             if record is not None:
                 record(image)
+            _emit("created", image, base_url)
     except IntegrityError:
         _remove_file(storage, key)
         raise ValidationError("name", NAME_TAKEN) from None
@@ -98,9 +103,19 @@ def _remove_file(storage, key):
     storage.intents.settle(key)
 
 
-def delete_image(image, storage):
+def _emit(action, image, base_url):
+    """Queue the webhook event of a change, inside its transaction. Every caller that
+    serves the API passes base_url; without one no event can be made, and that is logged."""
+    if base_url is None:
+        log.warning("image %s %s without a base URL: no webhook event", image.id, action)
+        return
+    emit(action, image, base_url)
+
+
+def delete_image(image, storage, base_url=None):
     """Remove the row, then the file once the row is surely gone (under an intent, so
     that a crash between the two leaves nothing that recovery.recover() does not remove).
+    The `deleted` webhook event, showing the image as it was, is queued with the delete.
 
     Once the row is gone the image is gone: a store that fails to remove the file keeps
     the intent, and the file is removed by the next recovery or `flask sweep`, not an
@@ -109,6 +124,7 @@ def delete_image(image, storage):
     storage.intents.intend(image.storage_key)
     try:
         with write_transaction():
+            _emit("deleted", image, base_url)
             Image.delete().where(Image.id == image.id).execute()
     except BaseException:
         storage.intents.settle(image.storage_key)  # the row is still there, and so is the file

@@ -1,6 +1,8 @@
 """Database models, and the one database object that the app factory initialises."""
 
+import contextlib
 import sqlite3
+import threading
 from datetime import UTC, datetime
 
 import peewee
@@ -11,7 +13,9 @@ from peewee import (
     BlobField,
     CharField,
     DatabaseProxy,
+    DoubleField,
     ForeignKeyField,
+    IntegerField,
     Model,
     NodeList,
     PostgresqlDatabase,
@@ -173,7 +177,50 @@ class Upload(BaseModel):
     expires_at = DateTimeField(index=True)
 
 
-MODELS = (User, Token, Namespace, Collaborator, Image, Upload)
+
+class Webhook(BaseModel):
+    """A URL that gets the images events of a namespace and its children (webhooks.py)."""
+
+    namespace = ForeignKeyField(Namespace, backref="webhooks", on_delete="CASCADE")
+    url = TextField()
+    # Kept as given: every delivery is signed with it (HMAC), so it cannot be a hash.
+    secret = CharField(max_length=255)
+    created_at = DateTimeField(default=utcnow)
+
+
+class WebhookDelivery(BaseModel):
+    """One try of sending one event to one webhook: its HTTP status, or why it failed."""
+
+    webhook = ForeignKeyField(Webhook, backref="deliveries", on_delete="CASCADE")
+    event = CharField(max_length=32)  # the same for every try of one event
+    action = CharField(max_length=16)
+    try_number = IntegerField()
+    status = IntegerField(null=True)
+    error = TextField(null=True)
+    created_at = DateTimeField(default=utcnow)
+
+
+class Job(BaseModel):
+    """Work for the background threads (jobs.py): pending until done (then deleted), or
+    failed after its last attempt (kept). Times are seconds since the epoch by the
+    database's clock, which every instance shares."""
+
+    kind = CharField(max_length=64)
+    payload = TextField()  # JSON
+    state = CharField(max_length=16, default="pending")
+    run_at = DoubleField()
+    attempts = IntegerField(default=0)
+    # Who holds the job and until when: a lease, renewed while its handler runs.
+    claimed_by = CharField(max_length=128, null=True)
+    claimed_until = DoubleField(null=True)
+    last_error = TextField(null=True)
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("state", "run_at"), False),)
+
+
+MODELS = (User, Token, Namespace, Collaborator, Image, Upload, Webhook, WebhookDelivery, Job)
 
 
 # Any number that all instances share: the key of the advisory lock taken while
@@ -295,10 +342,36 @@ def create_tables():
             db.create_tables(MODELS, safe=True)
 
 
+# What after_commit() was handed in this thread's outermost write_transaction().
+_AFTER_COMMIT = threading.local()
+
+
+@contextlib.contextmanager
 def write_transaction():
     """A transaction for writes. On SQLite it takes the write lock at once (IMMEDIATE),
     so that concurrent writers wait on the busy timeout instead of failing with
-    'database is locked' when a read transaction tries to upgrade."""
-    if isinstance(db.obj, SqliteDatabase):
-        return db.atomic("IMMEDIATE")
-    return db.atomic()
+    'database is locked' when a read transaction tries to upgrade. The outermost one
+    calls what after_commit() was given once it has committed."""
+    atomic = db.atomic("IMMEDIATE") if isinstance(db.obj, SqliteDatabase) else db.atomic()
+    if getattr(_AFTER_COMMIT, "callbacks", None) is not None:
+        with atomic:  # nested: the outermost one commits
+            yield
+        return
+    _AFTER_COMMIT.callbacks = callbacks = []
+    try:
+        with atomic:
+            yield
+    finally:
+        _AFTER_COMMIT.callbacks = None
+    for callback in callbacks:
+        callback()
+
+
+def after_commit(callback):
+    """Call callback() once the write_transaction() now open has committed, never if it
+    rolls back; at once outside one (e.g. within a bare db.atomic(), before its commit)."""
+    callbacks = getattr(_AFTER_COMMIT, "callbacks", None)
+    if callbacks is None:
+        callback()
+    else:
+        callbacks.append(callback)

@@ -405,7 +405,8 @@ def store_upload(user, name, namespace):
             info = inspect_qcow2(staged.path, max_virtual, config["QEMU_IMG_SLOTS"])
         except ImageRefused as refusal:
             raise ValidationError("file", str(refusal)) from None
-        return image_changes.create_image(plan, store, staged, size, sha256, info)
+        return image_changes.create_image(plan, store, staged, size, sha256, info,
+                                           base_url=base_url())
 
 
 # --- errors ----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ pytest.register_assert_rewrite(*PLUGINS)
 from db_fixtures import SCHEMA_PREFIX as SCHEMA_PREFIX  # noqa: E402
 from db_fixtures import needs_postgres as needs_postgres  # noqa: E402
 
+import jobs  # noqa: E402
 from app import create_app  # noqa: E402
 from auth import issue_token, parse_scopes  # noqa: E402
 from harness import ALL_SCOPES, start_server, stop_server  # noqa: E402
@@ -105,6 +106,21 @@ def make_app(database_url, tmp_path):
 def app(make_app):
     """The app on a fresh database (SQLite, or PostgreSQL too in CI) and image folder."""
     return make_app()
+
+
+@pytest.fixture
+def job_threads():
+    """Start this process's job threads (jobs.py) on an app when the test asks; they are
+    stopped after it. No test has them otherwise: jobs run by jobs.run_due_jobs()."""
+    started = []
+
+    def start(app):
+        jobs.start_job_threads(app)
+        started.append(app)
+
+    yield start
+    if started:
+        jobs.stop_job_threads(timeout=60)
 
 
 @pytest.fixture

@@ -6,10 +6,11 @@ that ids do not tell whether an image exists; a request without a token gets the
 for everything that is not public, existing or not, for the same reason.
 """
 
+import queries
 from errors import ValidationError, not_found, unauthorized
 from image_changes import NAME
 from namespaces import can_read, can_write, may_read, namespace_access, parse_namespace_ref
-from queries import find_image, list_images, list_namespace_images
+from queries import find_image
 
 NAME_FILTER = "Name filter must be an image name: 1 to 64 of a-z, A-Z, 0-9, _ and -"
 
@@ -65,7 +66,7 @@ def namespace_page(user, username, path, search, page):
     """GET /n/username/path/-/images: (rows, has_next) of that namespace's images, not its
     children's, for whoever may read the namespace."""
     found = readable_namespace(user, username, path)
-    return list_namespace_images(found.id, search, page)
+    return queries.list_namespace_images(found.id, search, page)
 
 
 def list_page(user, search, page, name=None, namespace=None):
@@ -81,10 +82,10 @@ def list_page(user, search, page, name=None, namespace=None):
     if name is not None and not NAME.fullmatch(name):
         raise ValidationError("name", NAME_FILTER)
     if namespace is None:
-        return list_images(user, search, page, name)
+        return queries.list_images(user, search, page, name)
     if namespace == "":
-        return list_images(user, search, page, name, outside_namespaces=True)
+        return queries.list_images(user, search, page, name, outside_namespaces=True)
     found = namespace_access(user, parse_namespace_ref(namespace))
     if found is None or not found.writer:  # listed: what user owns or collaborates on
         return [], False
-    return list_namespace_images(found.id, search, page, name)
+    return queries.list_namespace_images(found.id, search, page, name)

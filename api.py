@@ -6,6 +6,7 @@ from functools import partial
 from flask import Blueprint, Response, current_app, g, jsonify, request, send_file
 from peewee import PeeweeException
 
+import access
 import image_changes
 import queries
 from access import readable_image, writable_image
@@ -68,12 +69,30 @@ def openapi_document():
 @bp.get("/images")
 @require_scope("image:read")
 def list_images():
-    """A page of the user's images, newest first, with a Link header."""
+    """A page of the user's images, newest first, with a Link header; name and namespace
+    narrow it to exact matches."""
     page = queries.parse_page(request.args.get("page"))
     search = queries.check_search(request.args.get("search"))
-    rows, has_next = queries.list_images(g.user, search, page)
+    rows, has_next = access.list_page(g.user, search, page, request.args.get("name"),
+                                      request.args.get("namespace"))
+    return page_answer(rows, base_url() + "/images", page, has_next)
+
+
+@bp.get("/n/<username>/<path:path>/-/images")
+@require_scope("image:read", anonymous=True)
+def list_namespace_images(username, path):
+    """A page of one namespace's images (not its children's), for whoever may read the
+    namespace; no token needed under a public root."""
+    page = queries.parse_page(request.args.get("page"))
+    search = queries.check_search(request.args.get("search"))
+    rows, has_next = access.namespace_page(g.user, username, path, search, page)
+    return page_answer(rows, f"{base_url()}/n/{username}/{path}/-/images", page, has_next)
+
+
+def page_answer(rows, url, page, has_next):
+    """A list page's answer: its image objects, and the Link header of its neighbours."""
     response = jsonify(images_json(rows, base_url()))
-    link = link_header(base_url() + "/images", request.args.items(multi=True), page, has_next)
+    link = link_header(url, request.args.items(multi=True), page, has_next)
     if link:
         response.headers["Link"] = link
     return response
@@ -120,9 +139,10 @@ def refusal_message(refusal):
 
 
 @bp.get("/images/<int:image_id>")
-@require_scope("image:read")
+@require_scope("image:read", anonymous=True)
 def get_image(image_id):
-    """The image as JSON, or the file itself when Accept asks for a disk type."""
+    """The image as JSON, or the file itself when Accept asks for a disk type; no token
+    needed under a public root."""
     mimetype = negotiate(request.headers.get("Accept"))
     if mimetype is None:
         raise ApiError(406, f"Not Acceptable: ask for {JSON} or one of {', '.join(DISK_TYPES)}",

@@ -8,7 +8,7 @@ from flask import g, request
 
 import compiled
 from compiled import slot
-from errors import ApiError
+from errors import ApiError, unauthorized
 from models import Token, User
 
 RESOURCES = {"image": ("read", "write", "delete")}
@@ -56,10 +56,6 @@ def issue_token(user, scopes, name=""):
     return secret
 
 
-def _unauthorized(message):
-    return ApiError(401, message, {"WWW-Authenticate": 'Bearer realm="imagestore"'})
-
-
 def _token_query():
     """The token whose hash is in slot "hash", with its user; compiled once (compiled.py):
     compiling it anew took most of the check's time."""
@@ -73,23 +69,31 @@ def authenticate(credentials):
     scheme (lowercased) in .type and a bearer token in .token, stripped.
     """
     if credentials is None or credentials.type != "bearer" or credentials.token == "":
-        raise _unauthorized("Missing bearer token")
+        raise unauthorized()
     # No .token: Werkzeug read the value as parameters (an "=" inside it), which no token
     # of ours has.
     found = credentials.token and compiled.models(
         _token_query, {"hash": hash_token(credentials.token)})
     token = found[0] if found else None
     if token is None:
-        raise _unauthorized("Invalid token")
+        raise unauthorized("Invalid token")
     return token
 
 
-def require_scope(scope):
-    """Decorate a view so that it runs only for a token holding scope; sets g.user."""
+def require_scope(scope, anonymous=False):
+    """Decorate a view so that it runs only for a token holding scope; sets g.user.
+
+    anonymous: a request without an Authorization header runs too, with g.user None, and
+    the view's rules (access.py) decide what it may read. A header that is sent is checked
+    as on every route, so that a client's bad token is not hidden behind public access.
+    """
 
     def decorator(view):
         @functools.wraps(view)
         def wrapped(*args, **kwargs):
+            if anonymous and "Authorization" not in request.headers:
+                g.user = None
+                return view(*args, **kwargs)
             token = authenticate(request.authorization)
             if scope not in parse_scopes(token.scopes):
                 raise ApiError(

@@ -31,6 +31,15 @@ def not_found():
     return ApiError(404, "Not Found")
 
 
+MISSING_TOKEN = "Missing bearer token"
+
+
+def unauthorized(message=MISSING_TOKEN):
+    """401 asking for a bearer token: none came, or it names no token; also the answer
+    without a token for anything that is not public, whether it exists or not."""
+    return ApiError(401, message, {"WWW-Authenticate": 'Bearer realm="imagestore"'})
+
+
 def _json(status, body, headers=None):
     response = jsonify(body)
     response.status_code = status

@@ -3,8 +3,10 @@
 import re
 from dataclasses import dataclass
 
-from peewee import IntegrityError
+from peewee import JOIN, IntegrityError
 
+import compiled
+from compiled import slot
 from errors import ValidationError
 from models import Collaborator, Namespace, User, db
 
@@ -64,9 +66,59 @@ def can_write(user, namespace):
     return root.user_id == user.id or is_collaborator(user, root)
 
 
+def may_read(user, visibility, is_writer):
+    """Who reads a namespace, by its root's visibility: anyone, without a token too (user
+    None), under a public root; any user under an internal one; else its writers
+    (is_writer(): owner or collaborator, asked only then)."""
+    if visibility == "public":
+        return True
+    if user is None:
+        return False
+    return visibility == "internal" or is_writer()
+
+
 def can_read(user, namespace):
-    """Writers, plus any user when the root is public or internal."""
-    return namespace.root.visibility in ("public", "internal") or can_write(user, namespace)
+    """may_read for a namespace model; user None for a request without a token."""
+    return may_read(user, namespace.root.visibility, lambda: can_write(user, namespace))
+
+
+@dataclass(frozen=True)
+class NamespaceAccess:
+    """A namespace as its readers are decided: its id, its root's visibility, and whether
+    the asking user writes to it (owns its root or collaborates on it)."""
+
+    id: int
+    visibility: str
+    writer: bool
+
+
+def _access_query():
+    """The namespace of username (slot "owner") at slot "path", with its root's visibility,
+    the root's owner and slot "user"'s collaboration on the root (NULL when none)."""
+    owner, root = User.alias(), Namespace.alias()
+    return (Namespace.select(Namespace.id, root.visibility, root.user, Collaborator.id)
+            .join_from(Namespace, owner, on=(Namespace.user == owner.id))
+            .join_from(Namespace, root, on=(Namespace.root == root.id))
+            .join_from(Namespace, Collaborator, JOIN.LEFT_OUTER,
+                       on=((Collaborator.namespace == root.id)
+                           & (Collaborator.user == slot("user"))))
+            .where(owner.username == slot("owner"), Namespace.path == slot("path"))
+            .limit(1))
+
+
+def namespace_access(user, ref):
+    """The NamespaceAccess of ref (owner: user's own when it names none) for user (None:
+    no token), or None when there is no such namespace; one query."""
+    owner = ref.owner or (user.username if user is not None else None)
+    if owner is None:
+        return None
+    values = {"owner": owner, "path": ref.path, "user": user.id if user else None}
+    found = compiled.rows(_access_query, values)
+    if not found:
+        return None
+    ns_id, visibility, root_owner, collaboration = found[0]
+    writer = user is not None and (root_owner == user.id or collaboration is not None)
+    return NamespaceAccess(ns_id, visibility, writer)
 
 
 def find_namespace(owner, path):

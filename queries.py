@@ -92,10 +92,12 @@ def check_search(text):
     return text
 
 
-def _newest_first(query, searching):
+def _newest_first(query, searching, named):
     """The ids and times of the newest `count` images of query, as a term of a UNION."""
     if searching:
         query = query.where(_name_contains(slot("pattern")))
+    if named:
+        query = query.where(Image.name == slot("name"))
     query = query.order_by(Image.created_at.desc(), Image.id.desc()).limit(slot("count"))
     return query.select_from(query.c.id, query.c.created_at)
 
@@ -112,23 +114,28 @@ def _shared_namespace_ids(user):
     return [ns_id for (ns_id,) in compiled.rows(_shared_namespaces_query, {"user": user.id})]
 
 
-def _page_query(namespace_terms, searching):
+def _page_query(own, namespace_terms, searching, named):
     """One page of images with their relations, newest first, as plain columns.
 
     The page's ids come from a union of index walks, each cut to what the page can need:
-    the newest images the user owns (index user, created_at, id) and the newest in each
-    of `namespace_terms` shared namespaces (index namespace, created_at, id); None means
-    all shared namespaces in one term. Slots: user, ns0.., count, pattern, offset.
+    the newest images the user owns (index user, created_at, id; own "all", or "outside"
+    for those outside namespaces alone, or None for none) and the newest in each of
+    `namespace_terms` namespaces (index namespace, created_at, id); None means all shared
+    namespaces in one term. Slots: user, ns0.., count, pattern, name, offset.
     """
     columns = (Image.id, Image.created_at)
-    terms = [Image.select(*columns).where(Image.user == slot("user"))]
+    terms = []
+    if own is not None:
+        mine = Image.select(*columns).where(Image.user == slot("user"))
+        terms.append(mine.where(Image.namespace.is_null()) if own == "outside" else mine)
     if namespace_terms is None:
         terms.append(Image.select(*columns)
                      .where(Image.namespace.in_(_shared_namespaces_query())))
     else:
         terms += [Image.select(*columns).where(Image.namespace == slot(f"ns{k}"))
                   for k in range(namespace_terms)]
-    union = functools.reduce(operator.or_, (_newest_first(t, searching) for t in terms))
+    union = functools.reduce(operator.or_,
+                             (_newest_first(t, searching, named) for t in terms))
     page_ids = (union.order_by(SQL("2 DESC"), SQL("1 DESC"))
                 .limit(PAGE_SIZE + 1).offset(slot("offset"))).alias("page_ids")
     return (_with_relations(image_row_columns)
@@ -136,29 +143,47 @@ def _page_query(namespace_terms, searching):
             .order_by(Image.created_at.desc(), Image.id.desc()))
 
 
-def list_images(user, search, page):
-    """One page of the images user owns or collaborates on, as rows in the order of
-    representations.IMAGE_ROW; returns (rows, has_next).
-
-    One scan of all images filtered by "owned or shared" cost time in proportion to the
-    whole store; the page's query walks indexes instead (_page_query). Two queries: the
-    shared namespaces, then the page's images with their relations.
-    """
+def _page(own, namespace_ids, values, search, name, page):
+    """(rows, has_next) of page with _page_query's shape for own and namespace_ids (None:
+    the user's shared ones in one term); values has the slots of the user."""
     if page > MAX_PAGE:  # past any table's end, and past what the database can bind
         return [], False
     offset = (page - 1) * PAGE_SIZE
-    values = {"user": user.id, "count": offset + PAGE_SIZE + 1, "offset": offset}
+    values = {**values, "count": offset + PAGE_SIZE + 1, "offset": offset}
     if search:
         values["pattern"] = _like_pattern(search)
+    if name is not None:
+        values["name"] = name
+    if namespace_ids is not None:
+        values.update((f"ns{k}", ns_id) for k, ns_id in enumerate(namespace_ids))
+    terms = None if namespace_ids is None else len(namespace_ids)
+    # Compiled once per shape: peewee's compiling of this query was half the page's CPU.
+    rows = compiled.rows(_page_query, values, (own, terms, bool(search), name is not None))
+    return rows[:PAGE_SIZE], len(rows) > PAGE_SIZE
+
+
+def list_images(user, search, page, name=None, outside_namespaces=False):
+    """One page of the images user owns or collaborates on, as rows in the order of
+    representations.IMAGE_ROW; returns (rows, has_next). name: that exact name only;
+    outside_namespaces: the user's images outside namespaces only.
+
+    One scan of all images filtered by "owned or shared" cost time in proportion to the
+    whole store; the page's query walks indexes instead (_page_query). Two queries: the
+    shared namespaces, then the page's images with their relations (one, outside
+    namespaces).
+    """
+    if outside_namespaces:
+        return _page("outside", (), {"user": user.id}, search, name, page)
     shared = _shared_namespace_ids(user)
     if len(shared) > MAX_NAMESPACE_TERMS:
-        shape = (None, bool(search))
-    else:
-        shape = (len(shared), bool(search))
-        values.update((f"ns{k}", ns_id) for k, ns_id in enumerate(shared))
-    # Compiled once per shape: peewee's compiling of this query was half the page's CPU.
-    rows = compiled.rows(_page_query, values, shape)
-    return rows[:PAGE_SIZE], len(rows) > PAGE_SIZE
+        shared = None
+    return _page("all", shared, {"user": user.id}, search, name, page)
+
+
+def list_namespace_images(namespace_id, search, page, name=None):
+    """One page of the images of one namespace (not its children), as list_images's rows;
+    whether the caller may see them is access.py's question. One query."""
+    return _page(None, (namespace_id,), {}, search, name, page)
 
 
 def has_image_with_key(key):

@@ -7,18 +7,24 @@ page reads straight from its query and a single image takes from its model objec
 
 from datetime import UTC
 
-# The values an image object is made of, in the order of a row: the image's own columns,
-# then "relation.column" of its author, its user, its namespace (all None without one)
-# and the namespace's user.
+# The values an image object is made of, in the order of a row: the image's own columns
+# (its import's last: all None for an uploaded image), then "relation.column" of its
+# author, its user, its namespace (all None without one) and the namespace's user.
 IMAGE_ROW = (
     "id", "author_id", "user_id", "namespace_id", "name", "created_at", "size",
     "virtual_size", "sha256",
+    "download_source", "download_error", "download_created_at", "download_started_at",
+    "download_finished_at",
     "author.email", "author.username", "author.created_at",
     "user.email", "user.username", "user.created_at",
     "namespace.user_id", "namespace.root_id", "namespace.parent_id", "namespace.name",
     "namespace.path", "namespace.description", "namespace.visibility", "namespace.created_at",
     "namespace.user.email", "namespace.user.username", "namespace.user.created_at",
 )
+
+
+# Every image is a QEMU disk; Djinn's image object names the driver that boots it.
+DRIVER = "qemu"
 
 
 def rfc3339(moment):
@@ -28,6 +34,20 @@ def rfc3339(moment):
     if moment.microsecond or moment.tzinfo is not None or moment.year < 1000:
         return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
     return moment.isoformat() + "Z"
+
+
+def _rfc3339_or_none(moment):
+    return None if moment is None else rfc3339(moment)
+
+
+def download_json(source, error, created_at, started_at, finished_at):
+    """The `download` object of an image imported from a URL; None for an uploaded one
+    (which has no download_created_at)."""
+    if created_at is None:
+        return None
+    return {"source": source, "error": error, "created_at": rfc3339(created_at),
+            "started_at": _rfc3339_or_none(started_at),
+            "finished_at": _rfc3339_or_none(finished_at)}
 
 
 def last_modified(image):
@@ -75,6 +95,7 @@ class _Objects:
                 "name": name, "path": path, "description": description,
                 "visibility": visibility, "created_at": rfc3339(created_at),
                 "url": f"{self.base_url}/n/{owner_username}/{path}",
+                "images_url": f"{self.base_url}/n/{owner_username}/{path}/-/images",
                 "user": self.user(user_id, owner_email, owner_username, owner_created_at)}
         return ns
 
@@ -82,14 +103,16 @@ class _Objects:
         """The image object of the API from a row of IMAGE_ROW values."""
         (image_id, author_id, user_id, namespace_id, name, created_at, size, virtual_size,
          sha256) = row[:9]
+        # The slices follow IMAGE_ROW: the import (9:14), author, user, namespace (20:).
         return {"id": image_id, "author_id": author_id, "user_id": user_id,
                 "namespace_id": namespace_id, "name": name, "created_at": rfc3339(created_at),
                 "url": f"{self.base_url}/images/{image_id}",
-                "author": self.user(author_id, *row[9:12]),
-                "user": self.user(user_id, *row[12:15]),
+                "author": self.user(author_id, *row[14:17]),
+                "user": self.user(user_id, *row[17:20]),
                 "namespace": (None if namespace_id is None
-                              else self.namespace(namespace_id, *row[15:])),
-                "size": size, "virtual_size": virtual_size, "sha256": sha256}
+                              else self.namespace(namespace_id, *row[20:])),
+                "size": size, "virtual_size": virtual_size, "sha256": sha256,
+                "driver": DRIVER, "download": download_json(*row[9:14])}
 
 
 def images_json(rows, base_url):

@@ -184,12 +184,15 @@ def upload(client, qcow2_bytes):
     return post
 
 
-def make_rows(account, count, prefix="img", start=None):
-    """Insert image rows directly, one second apart, oldest first (listing reads rows only)."""
+def make_rows(account, count, prefix="img", start=None, namespace=None):
+    """Insert image rows directly, one second apart, oldest first (listing reads rows only);
+    in namespace, when given, whose owner they then belong to."""
     start = start or datetime(2024, 1, 1)
+    owner = namespace.user_id if namespace is not None else account.user
+    place = f"{account.user.id}" if namespace is None else f"{account.user.id}-n{namespace.id}"
     Image.insert_many([
-        {"author": account.user, "user": account.user, "name": f"{prefix}{i}",
-         "storage_key": f"{prefix}-{account.user.id}-{i}", "size": 1, "virtual_size": 1,
+        {"author": account.user, "user": owner, "namespace": namespace, "name": f"{prefix}{i}",
+         "storage_key": f"{prefix}-{place}-{i}", "size": 1, "virtual_size": 1,
          "sha256": "0" * 64, "created_at": start + timedelta(seconds=i)}
         for i in range(count)
     ]).execute()

@@ -16,7 +16,8 @@ from models import Image
 
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 IMAGE_FIELDS = {"id", "author_id", "user_id", "namespace_id", "name", "created_at", "url",
-                "author", "user", "namespace", "size", "virtual_size", "sha256"}
+                "author", "user", "namespace", "size", "virtual_size", "sha256", "driver",
+                "download"}
 
 
 def test_create_returns_the_image_object(client, alice, upload, qcow2_bytes):
@@ -36,6 +37,8 @@ def test_create_returns_the_image_object(client, alice, upload, qcow2_bytes):
     assert image["size"] == len(qcow2_bytes)
     assert image["sha256"] == hashlib.sha256(qcow2_bytes).hexdigest()
     assert image["virtual_size"] == 64 * 1024 * 1024
+    assert image["driver"] == "qemu"
+    assert image["download"] is None  # uploaded, not imported from a URL
 
 
 def test_created_image_is_stored_byte_for_byte(app, alice, upload, qcow2_bytes, store_files):

@@ -121,7 +121,17 @@ def namespace_json_before(ns, base_url):
             "name": ns.name, "path": ns.path, "description": ns.description,
             "visibility": ns.visibility, "created_at": rfc3339_before(ns.created_at),
             "url": f"{base_url}/n/{ns.user.username}/{ns.path}",
+            "images_url": f"{base_url}/n/{ns.user.username}/{ns.path}/-/images",
             "user": user_json_before(ns.user)}
+
+
+def download_json_before(image):
+    if image.download_created_at is None:
+        return None
+    times = [image.download_created_at, image.download_started_at, image.download_finished_at]
+    return {"source": image.download_source, "error": image.download_error,
+            **{key: t and rfc3339_before(t) for key, t in
+               zip(("created_at", "started_at", "finished_at"), times, strict=True)}}
 
 
 def image_json_before(image, base_url):
@@ -133,7 +143,8 @@ def image_json_before(image, base_url):
             "created_at": rfc3339_before(image.created_at), "url": f"{base_url}/images/{image.id}",
             "author": user_json_before(image.author), "user": user_json_before(image.user),
             "namespace": namespace_json_before(ns, base_url) if ns else None,
-            "size": image.size, "virtual_size": image.virtual_size, "sha256": image.sha256}
+            "size": image.size, "virtual_size": image.virtual_size, "sha256": image.sha256,
+            "driver": "qemu", "download": download_json_before(image)}
 
 
 def json_bytes_before(app, body):
@@ -166,6 +177,24 @@ def mixed_images(app, alice, bob):
                      sha256="ab" * 32, created_at=moment)
     Image.create(author=alice.user, user=alice.user, name="hidden", storage_key="key-hidden",
                  size=1, virtual_size=1, sha256="0" * 64)
+    add_imports(bob, team)
+
+
+def add_imports(bob, namespace):
+    """Three imports from a URL: one not started (no file yet), one that failed while
+    fetching, one that finished (its file columns filled in)."""
+    source = "https://user@example.com/a%20b.qcow2?x=1"
+    created = datetime(1990, 5, 6, 7, 8, 9)
+    started, finished = created + timedelta(seconds=1), created + timedelta(seconds=2)
+    for name, ns, error, times, fields in [
+            ("queued", None, None, (None, None), {}),
+            ("failed", namespace, "HTTP 404 from https://example.com/a", (started, finished), {}),
+            ("fetched", None, None, (started, finished),
+             {"storage_key": "key-fetched", "size": 5, "virtual_size": 6, "sha256": "cd" * 32})]:
+        Image.create(author=bob.user, user=namespace.user if ns else bob.user, namespace=ns,
+                     name=name, created_at=created, download_source=source,
+                     download_error=error, download_created_at=created,
+                     download_started_at=times[0], download_finished_at=times[1], **fields)
 
 
 def test_list_page_is_byte_for_byte_the_json_of_model_objects(app, client, bob, mixed_images):
@@ -173,7 +202,8 @@ def test_list_page_is_byte_for_byte_the_json_of_model_objects(app, client, bob, 
     assert response.status_code == 200
     listed = response.json
     # Newest first; "mine" and "nested" share a second, so the larger id goes first.
-    assert [i["name"] for i in listed] == ["mine", "nested", "plain", "rooted"]
+    assert [i["name"] for i in listed] == ["mine", "nested", "plain", "rooted",
+                                           "fetched", "failed", "queued"]
     models = [find_image(image["id"]) for image in listed]
     base = "http://localhost"
     assert listed == [image_json(image, base) for image in models]
@@ -189,6 +219,17 @@ def test_list_page_is_byte_for_byte_the_json_of_model_objects(app, client, bob, 
     assert plain["created_at"] == "2024-01-02T03:04:05Z"
     assert rooted["created_at"] == "1999-12-31T23:59:59Z"
     assert b"b\\u00f8b@ex\\u00e4mple.com" in response.get_data()
+    # Every image says its driver; an uploaded one has no download, an import has one,
+    # and its file fields are null until it finished.
+    assert {i["driver"] for i in listed} == {"qemu"} and plain["download"] is None
+    fetched, failed, queued = listed[4:]
+    assert queued["download"] == {"source": "https://user@example.com/a%20b.qcow2?x=1",
+                                  "error": None, "created_at": "1990-05-06T07:08:09Z",
+                                  "started_at": None, "finished_at": None}
+    assert (queued["size"], queued["virtual_size"], queued["sha256"]) == (None, None, None)
+    assert failed["download"]["error"] == "HTTP 404 from https://example.com/a"
+    assert failed["download"]["finished_at"] == "1990-05-06T07:08:11Z"
+    assert fetched["download"]["error"] is None and fetched["size"] == 5
 
 
 def test_single_image_is_byte_for_byte_the_json_of_model_objects(app, client, bob,

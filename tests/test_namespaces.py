@@ -72,6 +72,7 @@ def test_upload_creates_missing_private_namespaces(alice, upload):
     assert ns["root_id"] == root.id and root.root_id == root.id
     assert ns["parent_id"] == Namespace.get(Namespace.path == "djinn/ci").id
     assert ns["url"].endswith("/n/alice/djinn/ci/go")
+    assert ns["images_url"] == ns["url"] + "/-/images"
     assert image["namespace_id"] == ns["id"]
 
 

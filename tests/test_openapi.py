@@ -86,6 +86,8 @@ def test_error_statuses_of_the_contract_are_documented():
         document, "/images/{id}", "get")
     assert {"200", "503"} <= _statuses(document, "/healthz", "get")
     assert {"204", "404"} <= _statuses(document, "/images/{id}", "delete")
+    assert {"200", "400", "401", "403", "404"} <= _statuses(
+        document, "/n/{user}/{path}/-/images", "get")
     assert {"MethodNotAllowed", "NotFound"} <= set(document["components"]["responses"])
 
 
@@ -99,3 +101,7 @@ def test_operations_need_the_scopes_of_the_contract():
     assert scopes[("/images/{id}/links", "post")] == [{"bearer": ["image:read"]}]
     for open_path in ("/healthz", "/openapi.json", "/links/{token}/{filename}"):
         assert scopes[(open_path, "get")] == []
+    # A token with image:read, or none at all for what is under a public root.
+    for public_read in [("/images/{id}", "get"), ("/images/{id}", "head"),
+                        ("/n/{user}/{path}/-/images", "get")]:
+        assert scopes[public_read] == [{"bearer": ["image:read"]}, {}]

@@ -25,6 +25,7 @@ from origin_servers import (
 )
 
 import imports
+from config import load_config
 from models import Image, Namespace, db, utcnow
 from qcow2 import HEADER_READ_SIZE
 
@@ -87,6 +88,19 @@ def staged_files(app):
 def get_file(client, account, image_id, method="GET"):
     return client.open(f"/images/{image_id}", method=method, headers={
         **account.headers, "Accept": "application/octet-stream"})
+
+
+def test_the_settings_of_imports_are_read_from_the_environment(tmp_path):
+    defaults = load_config(str(tmp_path), environ={})
+    assert (defaults["DOWNLOAD_ALLOW_PRIVATE"], defaults["DOWNLOAD_ALLOW_HOSTS"],
+            defaults["DOWNLOAD_CONNECT_TIMEOUT"], defaults["DOWNLOAD_STALL_TIMEOUT"]) == (
+        False, frozenset(), 10, 60)
+    config = load_config(str(tmp_path), environ={
+        "DOWNLOAD_ALLOW_PRIVATE": "1", "DOWNLOAD_ALLOW_HOSTS": " Mirror.Internal, [::1],,10.0.0.5",
+        "DOWNLOAD_CONNECT_TIMEOUT": "2.5", "DOWNLOAD_STALL_TIMEOUT": "30"})
+    assert (config["DOWNLOAD_ALLOW_PRIVATE"], config["DOWNLOAD_ALLOW_HOSTS"],
+            config["DOWNLOAD_CONNECT_TIMEOUT"], config["DOWNLOAD_STALL_TIMEOUT"]) == (
+        True, frozenset({"mirror.internal", "::1", "10.0.0.5"}), 2.5, 30)
 
 
 # --- the POST ----------------------------------------------------------------------------

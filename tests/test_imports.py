@@ -10,10 +10,15 @@ runs it with the job's own handler (imports.job_handler), as a worker's thread w
 import hashlib
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
 
 import pytest
 import sample_images
-from conftest import files_under, server_with_account
+from conftest import ROOT, TEST_SECRET_KEY, files_under, server_with_account
 from origin_servers import (
     WAIT,
     basic_auth,
@@ -426,6 +431,49 @@ def test_a_restart_fails_what_was_cut_off_and_its_file_answers_409(
     row = pending_import(alice, "cut-off", download_started_at=utcnow())
     restarted = make_app()  # prepare_instance, as at every start
     answer = get_file(restarted.test_client(), alice, row.id)
+    assert (answer.status_code, answer.json) == (
+        409, {"message": "Image download failed: interrupted"})
+
+
+# A worker's thread running an import, in a process of its own that the test can kill.
+IMPORT_WORKER = r"""
+import sys
+
+import imports
+from app import create_app
+
+database, storage, instance, image_id = sys.argv[1:]
+app = create_app({"DATABASE_URL": database, "STORAGE_URL": storage, "SECRET_KEY": KEY,
+                  "DOWNLOAD_ALLOW_HOSTS": frozenset({"localhost"})},
+                 instance_path=instance, prepare=False)
+imports.run_import(int(image_id), app.extensions["storage"], app.config)
+""".replace("KEY", repr(TEST_SECRET_KEY))
+
+
+@pytest.mark.slow
+def test_an_import_whose_process_is_killed_fails_as_interrupted_at_the_restart(
+        make_app, app, database_url, tmp_path, origin, post_import, client, alice, qcow2_bytes):
+    """kill -9 in the middle of the transfer: the restart removes the half-written file
+    and fails the import with "interrupted" (with jobs.py, a lease takeover runs it again)."""
+    asked = threading.Event()
+    stalled = stall(origin, start=qcow2_bytes[:2 * HEADER_READ_SIZE], length=len(qcow2_bytes))
+    origin.routes["/image.qcow2"] = lambda handler: (asked.set(), stalled(handler))
+    url = origin.url("/image.qcow2", "localhost")
+    image_id = post_import(name="a", download_url=url).json["id"]
+    staging = app.extensions["storage"].staging_folder
+    worker = subprocess.Popen([sys.executable, "-c", IMPORT_WORKER, database_url,
+                               app.config["STORAGE_URL"], str(tmp_path / "worker"), str(image_id)],
+                              cwd=ROOT)
+    try:
+        assert asked.wait(WAIT)  # the staged file is made before the request is sent
+        assert [name for name in os.listdir(staging) if name.endswith(".part")]
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(WAIT)
+    assert Image.get_by_id(image_id).download_started_at is not None
+    restarted = make_app()  # prepare_instance, as at every start
+    assert files_under(staging) == []
+    answer = get_file(restarted.test_client(), alice, image_id)
     assert (answer.status_code, answer.json) == (
         409, {"message": "Image download failed: interrupted"})
 

@@ -37,6 +37,9 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _AUTHORITY = re.compile(r"([^:/?#]+://)([^/?#]*)")
 
 
+CUT_OFF = "cut off: the server closed the connection before the end of the body"
+
+
 class FetchError(Exception):
     """Why a fetch failed, as download.error shows it; never holds a password."""
 
@@ -283,6 +286,8 @@ class Download:
     def readinto(self, view):
         try:
             return self._response.readinto(view)
+        except http.client.IncompleteRead:  # a chunked body that ended before its last chunk
+            raise FetchError(CUT_OFF) from None
         except (OSError, http.client.HTTPException) as error:
             raise _failure(error, self._host, self._limits) from None
 

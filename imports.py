@@ -17,6 +17,7 @@ from functools import partial
 from diskspace import check_room_for_upload
 from errors import ApiError, ValidationError, storage_unavailable_message
 from fetch import (
+    CUT_OFF,
     FetchError,
     Guard,
     Limits,
@@ -231,7 +232,7 @@ def _body_failure(error, max_size):
     if error.status == 413:
         return f"too large: the body ran past the limit of {max_size} bytes"
     if error.status == 400:
-        return "cut off: the server closed the connection before the end of the body"
+        return CUT_OFF
     return error.message  # 507: the store's disk is full
 
 

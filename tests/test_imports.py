@@ -285,6 +285,32 @@ def test_a_body_that_stalls_fails_after_the_stall_timeout(
     assert failed(app, run_queued()) == "timed out: localhost sent nothing for 0.5 s"
 
 
+def cut_short(body, chunked):
+    """A route that sends half of body and closes: short of its Content-Length, or in a
+    chunked answer without its last chunk."""
+
+    def half(handler):
+        handler.send_response(200)
+        if chunked:
+            handler.send_header("Transfer-Encoding", "chunked")
+        else:
+            handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        piece = body[:len(body) // 2]
+        handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+
+    return half
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_cut_off_before_its_end_fails_as_cut_off(
+        app, origin, post_import, run_queued, qcow2_bytes, chunked):
+    origin.routes["/image.qcow2"] = cut_short(qcow2_bytes, chunked)
+    post_import(name="alpine", download_url=origin.url("/image.qcow2", "localhost"))
+    assert failed(app, run_queued()) == (
+        "cut off: the server closed the connection before the end of the body")
+
+
 def test_a_content_length_past_the_limit_is_refused_before_the_body_is_read(
         app, origin, post_import, run_queued, qcow2_bytes):
     app.config["MAX_IMAGE_SIZE"] = MIB

@@ -79,6 +79,15 @@ def test_a_host_resolving_to_loopback_is_refused_and_nothing_reaches_it(origin):
     assert origin.requests == []
 
 
+@pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "127.1"])
+def test_loopback_written_in_another_form_is_refused_once_resolved(origin, host):
+    """What is no IP literal to Python but is one to the C library is checked as it
+    resolves."""
+    assert failure(origin.url("/img", host=host), guard=Guard()) == (
+        f"address not allowed: {host} (127.0.0.1) is a loopback address")
+    assert origin.requests == []
+
+
 def test_an_allowed_host_or_private_addresses_allowed_reach_the_server(origin):
     origin.routes["/img"] = serve(b"data")
     assert fetched(origin.url("/img", host="localhost")) == b"data"

@@ -74,6 +74,18 @@ def run_queued(app, queued):
 
 
 @pytest.fixture
+def import_served(origin, post_import, run_queued):
+    """Serve /image.qcow2 with route, import it, run the import: the image's row."""
+
+    def run(route):
+        origin.routes["/image.qcow2"] = route
+        post_import(name="alpine", download_url=origin.url("/image.qcow2", "localhost"))
+        return run_queued()
+
+    return run
+
+
+@pytest.fixture
 def post_import(client, alice):
     """POST /images with a JSON body (fields given, or raw bytes) as alice."""
 
@@ -254,14 +266,11 @@ def test_a_404_fails_the_import_naming_the_status(app, origin, post_import, run_
     assert client.get(f"/images/{row.id}", headers=alice.headers).status_code == 200
 
 
-def test_garbage_fails_at_its_first_64_kib_without_reading_the_rest(
-        app, origin, post_import, run_queued):
+def test_garbage_fails_at_its_first_64_kib_without_reading_the_rest(app, origin, import_served):
     """Djinn's job never checked the QCOW2 magic. Here the header is vetted as soon as its
     64 KiB are in, and the other 255 MiB are never asked for."""
-    origin.routes["/image.qcow2"] = stream(origin, b"<html>not an image</html>\n" * 4000,
-                                           total=256 * MIB)
-    post_import(name="alpine", download_url=origin.url("/image.qcow2", "localhost"))
-    assert failed(app, run_queued()) == (
+    garbage = stream(origin, b"<html>not an image</html>\n" * 4000, total=256 * MIB)
+    assert failed(app, import_served(garbage)) == (
         "File not a valid QCOW2 image: not in QCOW2 format (it does not start with the QCOW2 "
         "signature); convert it with `qemu-img convert -O qcow2 in.img out.qcow2`")
     assert origin.done.wait(WAIT)
@@ -269,20 +278,15 @@ def test_garbage_fails_at_its_first_64_kib_without_reading_the_rest(
 
 
 def test_an_image_that_names_a_backing_file_is_refused_by_that_rule(
-        app, tmp_path, origin, post_import, run_queued):
+        app, tmp_path, origin, import_served):
     hostile = sample_images.with_backing(tmp_path, "/etc/passwd").read_bytes()
-    origin.routes["/image.qcow2"] = serve(hostile)
-    post_import(name="alpine", download_url=origin.url("/image.qcow2", "localhost"))
-    assert failed(app, run_queued()).startswith(
+    assert failed(app, import_served(serve(hostile))).startswith(
         "File not a valid QCOW2 image: the image has a backing file")
 
 
-def test_a_body_that_stalls_fails_after_the_stall_timeout(
-        app, origin, post_import, run_queued, qcow2_bytes):
-    origin.routes["/image.qcow2"] = stall(origin, start=qcow2_bytes[:HEADER_READ_SIZE],
-                                          length=len(qcow2_bytes))
-    post_import(name="alpine", download_url=origin.url("/image.qcow2", "localhost"))
-    assert failed(app, run_queued()) == "timed out: localhost sent nothing for 0.5 s"
+def test_a_body_that_stalls_fails_after_the_stall_timeout(app, origin, qcow2_bytes, import_served):
+    stalled = stall(origin, start=qcow2_bytes[:HEADER_READ_SIZE], length=len(qcow2_bytes))
+    assert failed(app, import_served(stalled)) == "timed out: localhost sent nothing for 0.5 s"
 
 
 def cut_short(body, chunked):
@@ -304,38 +308,31 @@ def cut_short(body, chunked):
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_a_body_cut_off_before_its_end_fails_as_cut_off(
-        app, origin, post_import, run_queued, qcow2_bytes, chunked):
-    origin.routes["/image.qcow2"] = cut_short(qcow2_bytes, chunked)
-    post_import(name="alpine", download_url=origin.url("/image.qcow2", "localhost"))
-    assert failed(app, run_queued()) == (
+        app, origin, qcow2_bytes, chunked, import_served):
+    assert failed(app, import_served(cut_short(qcow2_bytes, chunked))) == (
         "cut off: the server closed the connection before the end of the body")
 
 
 def test_a_content_length_past_the_limit_is_refused_before_the_body_is_read(
-        app, origin, post_import, run_queued, qcow2_bytes):
+        app, origin, qcow2_bytes, import_served):
     app.config["MAX_IMAGE_SIZE"] = MIB
-    origin.routes["/image.qcow2"] = stream(origin, qcow2_bytes[:HEADER_READ_SIZE],
-                                           total=MIB + 1)
-    post_import(name="alpine", download_url=origin.url("/image.qcow2", "localhost"))
-    assert failed(app, run_queued()) == (
+    too_long = stream(origin, qcow2_bytes[:HEADER_READ_SIZE], total=MIB + 1)
+    assert failed(app, import_served(too_long)) == (
         "too large: the Content-Length of 1048577 bytes is past the limit of 1048576 bytes")
 
 
 def test_a_body_without_length_is_stopped_at_the_first_byte_past_the_limit(
-        app, origin, post_import, run_queued, qcow2_bytes):
+        app, origin, qcow2_bytes, import_served):
     app.config["MAX_IMAGE_SIZE"] = MIB
-    origin.routes["/image.qcow2"] = stream(origin, qcow2_bytes[:HEADER_READ_SIZE], total=None)
-    post_import(name="alpine", download_url=origin.url("/image.qcow2", "localhost"))
-    assert failed(app, run_queued()) == "too large: the body ran past the limit of 1048576 bytes"
+    endless = stream(origin, qcow2_bytes[:HEADER_READ_SIZE], total=None)
+    assert failed(app, import_served(endless)) == (
+        "too large: the body ran past the limit of 1048576 bytes")
     assert origin.done.wait(WAIT)  # the endless body ended: the connection was closed
 
 
-def test_a_body_of_exactly_the_limit_is_accepted(app, origin, post_import, run_queued,
-                                                 qcow2_bytes):
+def test_a_body_of_exactly_the_limit_is_accepted(app, origin, qcow2_bytes, import_served):
     app.config["MAX_IMAGE_SIZE"] = len(qcow2_bytes)
-    origin.routes["/image.qcow2"] = serve(qcow2_bytes, length=False)
-    post_import(name="alpine", download_url=origin.url("/image.qcow2", "localhost"))
-    assert run_queued().size == len(qcow2_bytes)
+    assert import_served(serve(qcow2_bytes, length=False)).size == len(qcow2_bytes)
 
 
 def test_the_url_user_and_password_are_sent_as_basic_auth_and_never_shown(
@@ -358,33 +355,28 @@ def test_the_url_user_and_password_are_sent_as_basic_auth_and_never_shown(
 
 
 def test_a_host_that_resolves_to_loopback_is_refused_and_nothing_reaches_it(
-        app, origin, post_import, run_queued):
+        app, origin, import_served):
     """Djinn had no guard: an import could fetch from the server's own network."""
     app.config["DOWNLOAD_ALLOW_HOSTS"] = frozenset()
-    origin.routes["/image.qcow2"] = serve(b"internal")
-    post_import(name="alpine", download_url=origin.url("/image.qcow2", "localhost"))
-    assert failed(app, run_queued()) == (
+    assert failed(app, import_served(serve(b"internal"))) == (
         "address not allowed: localhost (127.0.0.1) is a loopback address")
     assert origin.requests == []
 
 
 def test_a_redirect_to_a_private_address_is_refused_before_any_request_reaches_it(
-        app, origin, post_import, run_queued):
+        app, origin, import_served):
     with origin_server() as private:
         private.routes["/latest/meta-data"] = serve(b"secrets")
-        origin.routes["/image.qcow2"] = redirect(private.url("/latest/meta-data"))
-        post_import(name="alpine", download_url=origin.url("/image.qcow2", "localhost"))
-        assert failed(app, run_queued()) == "address not allowed: 127.0.0.1 is a loopback address"
+        row = import_served(redirect(private.url("/latest/meta-data")))
+        assert failed(app, row) == "address not allowed: 127.0.0.1 is a loopback address"
         assert private.requests == []
     assert origin.hits("/image.qcow2") == 1
 
 
-def test_a_redirect_to_an_allowed_host_is_followed(origin, post_import, run_queued,
-                                                   qcow2_bytes):
-    origin.routes["/latest"] = redirect(origin.url("/v2/image.qcow2", "localhost"))
+def test_a_redirect_to_an_allowed_host_is_followed(origin, import_served, qcow2_bytes):
     origin.routes["/v2/image.qcow2"] = serve(qcow2_bytes)
-    post_import(name="alpine", download_url=origin.url("/latest", "localhost"))
-    assert run_queued().size == len(qcow2_bytes)
+    assert import_served(redirect(origin.url("/v2/image.qcow2", "localhost"))).size == len(
+        qcow2_bytes)
 
 
 def test_an_import_deleted_while_it_is_fetched_leaves_no_file(

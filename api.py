@@ -8,6 +8,7 @@ from peewee import PeeweeException
 
 import access
 import image_changes
+import imports
 import queries
 from access import readable_image, writable_image
 from auth import require_scope
@@ -101,7 +102,10 @@ def page_answer(rows, url, page, has_next):
 @bp.post("/images")
 @require_scope("image:write")
 def create_image():
-    """Stream the body to a temporary file, inspect it, store it, record it."""
+    """Stream the body to a temporary file, inspect it, store it, record it; a JSON body
+    is an import from its download_url instead."""
+    if request.is_json:
+        return import_image()
     config = current_app.config
     max_size, max_virtual = config["MAX_IMAGE_SIZE"], config["MAX_VIRTUAL_SIZE"]
     close_connection_on_error()  # the rest of a refused body is never read
@@ -123,6 +127,17 @@ def create_image():
             raise ValidationError("file", refusal_message(refusal)) from None
         image = image_changes.create_image(plan, storage(), staged, size, sha256, info,
                                            base_url=base_url())
+    body = image_json(image, base_url())
+    return jsonify(body), 201, {"Location": body["url"]}
+
+
+def import_image():
+    """POST /images with a JSON body: the image at once, its file fetched in the background."""
+    close_connection_on_error()  # a body past MAX_BODY is not read to its end
+    raw, stream = b"", request.stream
+    while len(raw) <= imports.MAX_BODY and (piece := stream.read(imports.MAX_BODY + 1 - len(raw))):
+        raw += piece
+    image = imports.start_import(g.user, raw, current_app.config, base_url())
     body = image_json(image, base_url())
     return jsonify(body), 201, {"Location": body["url"]}
 
@@ -171,6 +186,7 @@ def create_link(image_id):
     """A signed URL that serves the file without a token until it expires."""
     expires_in = parse_expires_in(request.args.get("expires_in"))
     image = readable_image(g.user, image_id)
+    imports.check_downloaded(image)
     token, expires_at = sign_link(current_app.config["SECRET_KEY"], image, expires_in)
     url = f"{base_url()}/links/{token}/{image.name}.qcow2"
     return jsonify(url=url, expires_at=rfc3339(expires_at), **qemu_fields(url)), 201
@@ -189,6 +205,7 @@ def follow_link(token, filename):
 
 def send_image(image, mimetype):
     """The download answer for image, by whichever way the storage serves files."""
+    imports.check_downloaded(image)
     store = storage()
     # A store that serves downloads itself (S3 with redirects on) gets the client
     # sent there, where Range and conditionals then work. HEAD is answered here:

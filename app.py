@@ -9,8 +9,9 @@ from api import bp
 from cli import register_cli
 from config import instance_folder, load_config
 from errors import register_error_handlers
+from imports import recover_imports
 from json_provider import OrjsonProvider
-from models import create_tables, db, keep_wal, open_database, use_wal
+from models import create_tables, db, keep_wal, open_database, upgrade_schema, use_wal
 from queries import has_image_with_key
 from recovery import recover
 from storage import storage_from_url
@@ -70,8 +71,9 @@ def create_app(test_config=None, instance_path=None, prepare=True):
 def prepare_instance(app):
     """Make app's instance ready to serve: once per start, before any worker serves.
 
-    The SQLite file goes to WAL mode, missing tables and indexes are made, and what killed
-    processes left (temporary files, half-done keys) is put right; the secret key was made
+    The SQLite file goes to WAL mode, a database of an earlier version is upgraded, missing
+    tables and indexes are made, and what killed processes left (temporary files, half-done
+    keys, imports that nothing will finish) is put right; the secret key was made
     by load_config. It is safe to repeat and to run in several processes at once, but it
     belongs before the workers: `flask --app app init-db` does it, which is the Procfile's
     release step and what gunicorn's master runs before it forks (on_starting in
@@ -79,10 +81,12 @@ def prepare_instance(app):
     did: tests, `flask run`, admin commands.
     """
     use_wal()
+    upgrade_schema()  # a database of an earlier version first (models.py)
     create_tables()
     with db.connection_context():
         recover(app.extensions["storage"], has_image_with_key)
         sweep_expired(app.extensions["storage"])
+        recover_imports()  # none left pending for ever (imports.py)
 
 
 def recover_leftovers(app):

@@ -85,6 +85,14 @@ def _schedule(value, name):
     return waits
 
 
+def _host_list(value):
+    """DOWNLOAD_ALLOW_HOSTS: host names (or IP literals) separated by commas, compared in
+    lower case; an IPv6 literal may be written with or without its brackets."""
+    hosts = (host.strip().lower().removeprefix("[").removesuffix("]")
+             for host in str(value).split(","))
+    return frozenset(host for host in hosts if host)
+
+
 def instance_folder(path=None, environ=None):
     """The instance folder as an absolute path: `path`, else IMAGESTORE_INSTANCE, each taken
     relative to the current directory (Flask refuses a relative one); None for Flask's
@@ -186,6 +194,13 @@ def load_config(instance_path, environ=None):
         "QEMU_IMG_SLOTS": (os.path.join(instance_path, "qemu-img-slots"),
                            _positive(env.get("QEMU_IMG_SLOTS") or os.cpu_count() or 1,
                                      "QEMU_IMG_SLOTS")),
+        # Imports from a URL (docs/imports.md): whether they may reach loopback, private
+        # and other non-public addresses, or only these hosts may; the seconds a connection
+        # may take, and that a transfer may go without a byte before it fails.
+        "DOWNLOAD_ALLOW_PRIVATE": _flag(env.get("DOWNLOAD_ALLOW_PRIVATE", "")),
+        "DOWNLOAD_ALLOW_HOSTS": _host_list(env.get("DOWNLOAD_ALLOW_HOSTS", "")),
+        "DOWNLOAD_CONNECT_TIMEOUT": float(env.get("DOWNLOAD_CONNECT_TIMEOUT", "10")),
+        "DOWNLOAD_STALL_TIMEOUT": float(env.get("DOWNLOAD_STALL_TIMEOUT", "60")),
         **_job_settings(env),
     }
 

@@ -65,36 +65,58 @@ def create_image(plan, storage, staged, size, sha256, info, base_url=None, put=N
                  record=None):
     """Move the inspected file into the store, then record it; a failure removes the file.
 
-    The `created` webhook event is queued in the same transaction (base_url: that of the
-    image's `url`; see _emit). The file goes in first so that a crash leaves at worst a
-    file without a row, never a row without a file; put() leaves an intent on the key
-    until the row is committed, so that recovery.recover() finds such a file after a
-    crash. The database settles a race on the name: the loser's unique-index error
-    becomes the same 400.
+    The `created` webhook event is queued in the row's transaction (base_url: that of the
+    image's `url`; see _emit). The database settles a race on the name: the loser's
+    unique-index error becomes the same 400 (record_image), and its file is removed
+    (store_file).
 
     put(staged) stores the file instead of storage.put (a finished tus upload stores its
     own); record(image), if given, runs in the row's transaction (it marks the upload done).
     """
+    columns = {"size": size, "virtual_size": info.virtual_size, "sha256": sha256}
+    image = store_file(storage, staged,
+                       lambda key: record_image(plan, {"storage_key": key, **columns},
+                                                then=record, base_url=base_url),
+                       put=put)
+    return find_image(image.id)
+
+
+def store_file(storage, staged, record, put=None):
+    """Move a staged file into the store (put(staged), by default storage.put), then
+    record(key) writes what names it; return what record returned. A failure of either
+    removes the file.
+
+    The file goes in first so that a crash leaves at worst a file without a row, never a
+    row without a file; put() leaves an intent on the key until the row is committed, so
+    that recovery.recover() finds such a file after a crash.
+    """
     key = (put or storage.put)(staged)
+    try:
+        result = record(key)
+    except BaseException:
+        _remove_file(storage, key)
+        raise
+    storage.intents.settle(key)
+    return result
+
+
+def record_image(plan, columns, then=None, base_url=None):
+    """Write the planned image's row with columns (and a missing namespace of the user's
+    own) in one transaction, then(image) and its `created` event inside it too; a name
+    taken meanwhile is the 400."""
     try:
         with write_transaction():
             namespace = plan.namespace
             if plan.ref and namespace is None:
                 namespace = ensure_namespace(plan.owner, plan.ref.segments)
             image = Image.create(author=plan.author, user=plan.owner, namespace=namespace,
-                                 name=plan.name, storage_key=key, size=size,
-                                 virtual_size=info.virtual_size, sha256=sha256)
-            if record is not None:
-                record(image)
+                                 name=plan.name, **columns)
+            if then is not None:
+                then(image)
             _emit("created", image, base_url)
     except IntegrityError:
-        _remove_file(storage, key)
         raise ValidationError("name", NAME_TAKEN) from None
-    except BaseException:
-        _remove_file(storage, key)
-        raise
-    storage.intents.settle(key)
-    return find_image(image.id)
+    return image
 
 
 def _remove_file(storage, key):
@@ -112,6 +134,17 @@ def _emit(action, image, base_url):
     emit(action, image, base_url)
 
 
+def _delete_fileless(image, base_url):
+    """Delete the row of an import that has no file; None once it is gone, or the image
+    read again when its import stored the file meanwhile (then it is deleted with it)."""
+    with write_transaction():
+        deleted = Image.delete().where(Image.id == image.id,
+                                       Image.storage_key.is_null()).execute()
+        if deleted:
+            _emit("deleted", image, base_url)
+    return None if deleted else Image.get_or_none(Image.id == image.id)
+
+
 def delete_image(image, storage, base_url=None):
     """Remove the row, then the file once the row is surely gone (under an intent, so
     that a crash between the two leaves nothing that recovery.recover() does not remove).
@@ -121,6 +154,8 @@ def delete_image(image, storage, base_url=None):
     the intent, and the file is removed by the next recovery or `flask sweep`, not an
     error for the client.
     """
+    if image.storage_key is None and (image := _delete_fileless(image, base_url)) is None:
+        return
     storage.intents.intend(image.storage_key)
     try:
         with write_transaction():

@@ -23,6 +23,7 @@ from peewee import (
     TextField,
 )
 from playhouse.db_url import connect
+from playhouse.migrate import PostgresqlMigrator, migrate
 from playhouse.pool import PooledDatabase
 
 db = DatabaseProxy()
@@ -375,3 +376,96 @@ def after_commit(callback):
         callback()
     else:
         callbacks.append(callback)
+
+
+# What an image table made before imports from a URL lacks: these columns, and NULL in the
+# file's columns (NOT NULL there then).
+IMPORT_COLUMNS = ("download_source", "download_error", "download_created_at",
+                  "download_started_at", "download_finished_at")
+FILE_COLUMNS = ("storage_key", "size", "virtual_size", "sha256")
+_UPGRADE_TABLE = "image__upgrade"
+
+
+def _image_columns():
+    """{column: nullable} of the image table as the database has it; {} without one."""
+    table = Image._meta.table_name
+    if isinstance(db.obj, PostgresqlDatabase):  # peewee's get_columns looks in 'public' only
+        rows = db.execute_sql(
+            "SELECT column_name, is_nullable = 'YES' FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = %s", (table,)).fetchall()
+        return dict(rows)
+    rows = db.execute_sql(f'PRAGMA table_info("{table}")').fetchall()
+    return {name: not notnull for _, name, _, notnull, *_ in rows}
+
+
+def _is_current(columns):
+    """Whether an image table with these columns needs no upgrade (none needs none)."""
+    return not columns or (all(name in columns for name in IMPORT_COLUMNS)
+                           and all(columns[name] for name in FILE_COLUMNS))
+
+
+def upgrade_schema():
+    """Bring an image table made by an earlier version up to this one: the import's
+    columns added, the file's columns allowed NULL. Nothing on a new or current database;
+    safe to repeat, and to run from several instances at once (they take turns as in
+    create_tables). Runs before create_tables (prepare_instance)."""
+    with db.connection_context():
+        if isinstance(db.obj, PostgresqlDatabase):
+            with db.atomic():
+                db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
+                _upgrade_postgres(_image_columns())
+        elif not _is_current(_image_columns()):
+            _upgrade_sqlite()
+
+
+def _upgrade_postgres(columns):
+    """ALTER TABLE: add what is missing, drop the NOT NULLs (inside the caller's lock)."""
+    if _is_current(columns):
+        return
+    migrator = PostgresqlMigrator(db.obj)
+    table = Image._meta.table_name
+    migrate(*[migrator.add_column(table, name, Image._meta.fields[name])
+              for name in IMPORT_COLUMNS if name not in columns],
+            *[migrator.drop_not_null(table, name) for name in FILE_COLUMNS if not columns[name]])
+
+
+def _upgrade_sqlite():
+    """Rebuild the image table as SQLite's documented way to change a column's NOT NULL
+    (ALTER TABLE cannot): a new table, the rows copied, the old one dropped, the new one
+    renamed. Foreign keys are off meanwhile (a no-op inside a transaction, so set before),
+    so that dropping the old table touches no row that refers to an image."""
+    db.execute_sql("PRAGMA foreign_keys = OFF")
+    try:
+        with db.atomic("IMMEDIATE"):
+            columns = _image_columns()  # again, under the write lock: another may have done it
+            if not _is_current(columns):
+                _rebuild_image_table(columns)
+                if db.execute_sql("PRAGMA foreign_key_check").fetchall():
+                    raise peewee.IntegrityError("the upgraded image table breaks a foreign key")
+    finally:
+        db.execute_sql("PRAGMA foreign_keys = ON")
+
+
+def _rebuild_image_table(columns):
+    """Copy the image table into one made from today's model, keeping its ids and the
+    AUTOINCREMENT counter (so that no deleted image's id comes back), then its indexes."""
+    table = Image._meta.table_name
+    counter = db.execute_sql("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+    Image._meta.set_table_name(_UPGRADE_TABLE)
+    try:
+        Image._schema.create_table(safe=False)
+    finally:
+        Image._meta.set_table_name(table)
+    names = ", ".join(f'"{name}"' for name in columns if name in Image._meta.columns)
+    db.execute_sql(f'INSERT INTO "{_UPGRADE_TABLE}" ({names}) SELECT {names} FROM "{table}"')
+    db.execute_sql(f'DROP TABLE "{table}"')
+    db.execute_sql(f'ALTER TABLE "{_UPGRADE_TABLE}" RENAME TO "{table}"')
+    if counter is not None:
+        db.execute_sql("DELETE FROM sqlite_sequence WHERE name = ?", (table,))
+        db.execute_sql("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)",
+                       (table, max(counter[0], _largest_id())))
+    Image._schema.create_indexes(safe=True)
+
+
+def _largest_id():
+    return Image.select(peewee.fn.MAX(Image.id)).scalar() or 0

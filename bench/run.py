@@ -104,8 +104,9 @@ def start_imagestore(work, stack):
     (not its access log) in bench/out/gunicorn.log, this run's only."""
     log = OUT / "gunicorn.log"
     log.unlink(missing_ok=True)
-    server = start_server(work / "instance", log_path=log, access_log=False,
-                          command=bench_command())
+    # DOWNLOAD_ALLOW_HOSTS: the import part fetches from nginx on 127.0.0.1.
+    server = start_server(work / "instance", {"DOWNLOAD_ALLOW_HOSTS": "127.0.0.1"},
+                          log_path=log, access_log=False, command=bench_command())
     stack.callback(server.stop)
     return server
 
@@ -577,6 +578,76 @@ def bench_inspection(cfg, work):
     return times
 
 
+# ---------------------------------------------------------------- import from a URL
+
+
+def finish_import(app, image_id):
+    """Run the import's fetch to its end, here, on the server's instance.
+
+    MERGE: once jobs.py runs imports in the server's workers, wait for the row's
+    download_finished_at instead (the fetch then runs in gunicorn, as deployed).
+    """
+    import imports
+
+    imports.run_import(image_id, app.extensions["storage"], app.config)
+
+
+def timed_import(server, token, app, url, work, number):
+    """Seconds from the POST of an import of url to its finished row; the image deleted."""
+    from models import Image
+
+    reply, auth = work / "import.json", f"Authorization: Bearer {token}"
+    body = json.dumps({"name": f"import-{number}", "download_url": url})
+    start = time.perf_counter()
+    status, _, _ = curl("-H", auth, "-H", "Content-Type: application/json", "--data-binary",
+                        body, f"{server.url}/images", out=reply)
+    expect(status, (201,), f"import POST {reply.read_text()[:200]}")
+    image_id = json.loads(reply.read_text())["id"]
+    finish_import(app, image_id)
+    seconds = time.perf_counter() - start
+    error = Image.get_by_id(image_id).download_error
+    if error:
+        raise RuntimeError(f"import of {url}: {error}")
+    status, _, _ = curl("-X", "DELETE", "-H", auth, f"{server.url}/images/{image_id}")
+    expect(status, (204,), "delete the imported image")
+    return seconds
+
+
+def bench_import(cfg, work, server, token, nginx):
+    """An import of the largest size from nginx against `curl -o` of the same URL, taking
+    turns, the page cache warmed before each: {"import": [B/s], "curl": [B/s]}."""
+    from app import create_app
+
+    app = create_app({"DOWNLOAD_ALLOW_HOSTS": frozenset({"127.0.0.1"})},
+                     instance_path=str(server.instance), prepare=False)
+    path = make_qcow2(nginx["files"].parent / "import.qcow2", cfg["sizes"][-1])
+    url, size = f"{nginx['url']}/import.qcow2", path.stat().st_size
+    runs = {"import": [], "curl": []}
+    for rep in range(cfg["reps"]):
+        for way in ("import", "curl") if rep % 2 == 0 else ("curl", "import"):
+            warm_page_cache(work, size)
+            if way == "import":
+                seconds = timed_import(server, token, app, url, work, rep)
+            else:
+                status, seconds, _ = curl(url, out=str(work / "curl.qcow2"))
+                expect(status, (200,), "curl -o from nginx")
+                (work / "curl.qcow2").unlink()
+            runs[way].append(size / seconds)
+        print(f"    rep {rep + 1}: import {runs['import'][-1] / MiB:.0f} MiB/s, curl -o "
+              f"{runs['curl'][-1] / MiB:.0f} MiB/s", flush=True)
+    path.unlink()
+    return {"size": size, **runs}
+
+
+def import_rows(im):
+    """The import against curl -o, per pair of runs."""
+    size = human_size(cfg_size(im["size"]))
+    return [(f"import {size} from nginx (`POST /images` with `download_url`, to the file "
+             "stored and recorded)", fmt_rate(im["import"]),
+             f"`curl -o` of the same URL: {fmt_rate(im['curl'])}",
+             ratio(im["import"], im["curl"]), pair_goal(im["import"], im["curl"], 0.8))]
+
+
 # ---------------------------------------------------------------- list page
 
 
@@ -920,6 +991,8 @@ def table(results):
         rows += inspection_rows(results["inspection"])
     if "list" in results:
         rows += list_rows(results["list"])
+    if "import" in results:
+        rows += import_rows(results["import"])
     head = "| figure | imagestore | reference | ratio | goal |\n| --- | --- | --- | --- | --- |\n"
     goals = [row[-1] for row in rows]
     tally = (f"\nGoals: {sum(g.endswith('PASS') for g in goals)} PASS, "
@@ -986,7 +1059,7 @@ def report(results, command):
 # ---------------------------------------------------------------- main
 
 
-PARTS = ("transfers", "refusal", "inspection", "list")
+PARTS = ("transfers", "refusal", "inspection", "list", "import")
 
 
 def parse_args():
@@ -1017,8 +1090,9 @@ def run_parts(cfg, parts, results):
               flush=True)
         store = start_imagestore(work, stack)
         token = store.token("bench")
+        nginx = start_nginx(work, stack) if {"transfers", "import"} & set(parts) else None
         if "transfers" in parts:
-            nginx, registry = start_nginx(work, stack), start_registry(work, stack)
+            registry = start_registry(work, stack)
             clients = [Imagestore(store, token, work), Nginx(nginx), Registry(registry, work)]
             print("transfers (upload and download, MiB/s)", flush=True)
             results["transfers"] = bench_transfers(cfg, work, clients)
@@ -1031,6 +1105,9 @@ def run_parts(cfg, parts, results):
         if "list" in parts:
             print("list page", flush=True)
             results["list"] = bench_list(cfg, store, token)
+        if "import" in parts:
+            print("import from a URL (nginx on loopback) against curl -o", flush=True)
+            results["import"] = bench_import(cfg, work, store, token, nginx)
 
 
 def write_outputs(results, record):

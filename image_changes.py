@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from peewee import IntegrityError
 
+import image_stats
 from errors import ValidationError
 from models import Image, Namespace, User, write_transaction
 from namespaces import NamespaceRef, ensure_namespace, parse_namespace_ref, resolve_upload_target
@@ -77,6 +78,7 @@ def create_image(plan, storage, staged, size, sha256, info):
             image = Image.create(author=plan.author, user=plan.owner, namespace=namespace,
                                  name=plan.name, storage_key=key, size=size,
                                  virtual_size=info.virtual_size, sha256=sha256)
+            image_stats.change(1, size)
     except IntegrityError:
         _remove_file(storage, key)
         raise ValidationError("name", NAME_TAKEN) from None
@@ -104,7 +106,12 @@ def delete_image(image, storage):
     storage.intents.intend(image.storage_key)
     try:
         with write_transaction():
-            Image.delete().where(Image.id == image.id).execute()
+            # The size the row has now (an import may have filled it in since it was read);
+            # nothing when another delete took the row first.
+            for (size,) in Image.delete().where(Image.id == image.id).returning(
+                    Image.size).tuples().execute():
+                if size is not None:
+                    image_stats.change(-1, -size)
     except BaseException:
         storage.intents.settle(image.storage_key)  # the row is still there, and so is the file
         raise

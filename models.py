@@ -152,7 +152,16 @@ class Image(BaseModel):
 # in a plain unique index, so this needs a partial one (SQLite and PostgreSQL both have them).
 Image.add_index(Image.index(Image.user, Image.name, unique=True).where(Image.namespace.is_null()))
 
-MODELS = (User, Token, Namespace, Collaborator, Image)
+
+class ImageStats(BaseModel):
+    """One row: how many images are stored and the bytes of their files, changed in the
+    transaction of each change (image_stats.py), so that /metrics reads it without a scan."""
+
+    images = BigIntegerField(default=0)
+    bytes = BigIntegerField(default=0)
+
+
+MODELS = (User, Token, Namespace, Collaborator, Image, ImageStats)
 
 
 # Any number that all instances share: the key of the advisory lock taken while

@@ -143,4 +143,11 @@ def load_config(instance_path, environ=None):
         "QEMU_IMG_SLOTS": (os.path.join(instance_path, "qemu-img-slots"),
                            _positive(env.get("QEMU_IMG_SLOTS") or os.cpu_count() or 1,
                                      "QEMU_IMG_SLOTS")),
+        # The bearer token GET /metrics wants; None leaves it open (docs/observability.md).
+        "METRICS_TOKEN": env.get("METRICS_TOKEN") or None,
+        # Where every worker keeps its figures, set by gunicorn.conf.py's master; None when
+        # this process is alone (tests, the CLI) and keeps them in memory.
+        "METRICS_MULTIPROC_DIR": env.get("PROMETHEUS_MULTIPROC_DIR") or None,
+        # The audit log's file; None for standard error.
+        "AUDIT_LOG": env.get("AUDIT_LOG") or None,
     }

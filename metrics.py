@@ -18,16 +18,18 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector
+
+import metrics_files
 
 # The classic text format: every Prometheus version reads it (the contract's "Prometheus
 # text format"), whatever its Accept header prefers.
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
-# Seconds. Uploads and downloads of large images take minutes, JSON answers milliseconds.
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300,
-                    float("inf"))
+# Seconds. JSON answers take milliseconds, uploads of large images minutes. Few buckets,
+# as every one is a series for each route and method, and every series costs each scrape
+# its time (docs/observability.md).
+DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.5, 2.5, 10, 60, 300, float("inf"))
 # Label values come from a short fixed list or a stable name: a client must not be able to
 # make a new time series per request (a made-up method, a path, a message).
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -38,11 +40,14 @@ UNMATCHED = "unmatched"  # the route of a request that matched none (404, 405)
 # process alone shows what gunicorn's workers show.
 disable_created_metrics()
 REGISTRY = CollectorRegistry()  # this process's figures, when not under gunicorn
-REQUESTS = Histogram(
+REQUESTS = Counter("imagestore_http_requests",
+                   "Requests answered, by route (the URL rule), method and status",
+                   ("route", "method", "status"), registry=REGISTRY)
+DURATIONS = Histogram(
     "imagestore_http_request_duration_seconds",
-    "Requests by route (the URL rule), method and status, and the seconds the app took to "
-    "answer (an upload's body included, a download's sending not)",
-    ("route", "method", "status"), buckets=DURATION_BUCKETS, registry=REGISTRY)
+    "Seconds the app took to answer, by route and method (an upload's body included, the "
+    "sending of a download's file not)",
+    ("route", "method"), buckets=DURATION_BUCKETS, registry=REGISTRY)
 RECEIVED = Counter("imagestore_received_bytes",
                    "Bytes of image bodies received (uploads, stored or refused)",
                    registry=REGISTRY)
@@ -68,8 +73,9 @@ def label(value):
 
 def count_request(route, method, status, seconds):
     """One answered request: route is the URL rule (None when none matched)."""
-    REQUESTS.labels(route or UNMATCHED, method if method in METHODS else "other",
-                    str(int(status))).observe(seconds)
+    route, method = route or UNMATCHED, method if method in METHODS else "other"
+    REQUESTS.labels(route, method, str(int(status))).inc()
+    DURATIONS.labels(route, method).observe(seconds)
 
 
 def count_received(nbytes):
@@ -102,24 +108,17 @@ def count_webhook_delivery(outcome):
     WEBHOOKS.labels(label(outcome)).inc()
 
 
-class Scrape:
-    """The figures of one scrape: every worker's from the files (or this process's), and
-    the stored images' totals, which come from the database."""
-
-    def __init__(self, stored_images, stored_bytes, multiproc_dir=None):
-        self.stored = (stored_images, stored_bytes)
-        self.source = (MultiProcessCollector(None, path=multiproc_dir) if multiproc_dir
-                       else REGISTRY)
-
-    def collect(self):
-        yield from self.source.collect()
-        images, nbytes = self.stored
-        yield GaugeMetricFamily("imagestore_stored_images", "Images stored (with their file)",
-                                value=images)
-        yield GaugeMetricFamily("imagestore_stored_image_bytes",
-                                "Bytes of the stored images' files", value=nbytes)
-
-
 def render(stored_images, stored_bytes, multiproc_dir=None):
     """The text GET /metrics answers; multiproc_dir is PROMETHEUS_MULTIPROC_DIR, if set."""
-    return generate_latest(Scrape(stored_images, stored_bytes, multiproc_dir))
+    stored = "".join(
+        f"# HELP {name} {help_text}\n# TYPE {name} gauge\n" + metrics_files.line(name, "", value)
+        for name, help_text, value in (
+            ("imagestore_stored_images", "Images stored (with their file)", stored_images),
+            ("imagestore_stored_image_bytes", "Bytes of the stored images' files",
+             stored_bytes))).encode()
+    if not multiproc_dir:
+        return generate_latest(REGISTRY) + stored
+    totals = metrics_files.read_folder(multiproc_dir)
+    if totals is None:  # a kind of file this module does not write: the library's reader
+        return generate_latest(MultiProcessCollector(None, path=multiproc_dir)) + stored
+    return metrics_files.text(totals).encode() + stored

@@ -9,13 +9,18 @@ import os
 import re
 import signal
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from conftest import http_call, make_qcow2, make_rows, server_with_account
+from conftest import ROOT, http_call, make_qcow2, make_rows, server_with_account
 from image_fixtures import HOSTILE
+from prometheus_client import generate_latest
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -58,14 +63,14 @@ def grown(before, after):
 
 
 def counts(found):
-    """The samples of found that count (durations aside)."""
+    """The samples of found that count things (the durations' histogram aside)."""
     return {key: value for key, value in found.items()
-            if not key[0].endswith(("_bucket", "_sum"))}
+            if not key[0].startswith("imagestore_http_request_duration_seconds")}
 
 
 def requests(route, method, status):
-    """The key of a request count (the duration histogram's _count)."""
-    return ("imagestore_http_request_duration_seconds_count",
+    """The key of a count of requests."""
+    return ("imagestore_http_requests_total",
             (("method", method), ("route", route), ("status", str(status))))
 
 
@@ -235,6 +240,20 @@ def test_a_recount_sets_the_totals_from_the_rows(app, alice):
         assert image_stats.read() == (5, 5)
 
 
+def test_durations_are_kept_by_route_and_method(client, alice):
+    before = scrape(client)
+    for _ in range(2):
+        assert client.get("/images", headers=alice.headers).status_code == 200
+    after = scrape(client)
+    series = {"method": "GET", "route": "/images"}
+    name = "imagestore_http_request_duration_seconds"
+    assert figure(after, f"{name}_count", **series) - figure(before, f"{name}_count",
+                                                           **series) == 2
+    buckets = [figure(after, f"{name}_bucket", **series, le=le)
+               for le in ("0.005", "0.025", "0.1", "0.5", "2.5", "10.0", "60.0", "300.0", "+Inf")]
+    assert buckets == sorted(buckets) and buckets[-1] == figure(after, f"{name}_count", **series)
+
+
 def test_imports_and_webhook_deliveries_are_counted_by_outcome(client):
     before = scrape(client)
     metrics.count_import("stored")
@@ -271,6 +290,57 @@ def test_metrics_token_is_required_when_set(make_app, make_account):
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
     for value in (f"Bearer {METRICS_TOKEN}", f"bearer  {METRICS_TOKEN} "):
         assert client.get("/metrics", headers={"Authorization": value}).status_code == 200
+
+
+# --- every worker's files, added up ------------------------------------------------------
+
+WORKER = """
+import metrics
+for status in (200, 404, 404):
+    metrics.count_request("/images", "GET", status, 0.003)
+metrics.count_request("/images/<int:image_id>", "DELETE", 204, 12.5)
+metrics.count_upload("stored")
+metrics.count_upload("not_qcow2")
+metrics.count_download("link", 206, 100)
+metrics.count_received(1234)
+"""
+STORED = {("imagestore_stored_images", ()): 7, ("imagestore_stored_image_bytes", ()): 70}
+
+
+def run_worker(folder):
+    """A process that counts WORKER's traffic into folder, as a gunicorn worker does."""
+    subprocess.run([sys.executable, "-c", WORKER], cwd=ROOT, check=True,
+                   env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)})
+
+
+def as_prometheus_client_reads(folder):
+    """The figures of folder's files as prometheus_client's own reader adds them up."""
+    return figures(generate_latest(MultiProcessCollector(None, path=str(folder))).decode())
+
+
+def test_the_workers_files_add_up_as_prometheus_client_adds_them(tmp_path):
+    run_worker(tmp_path)
+    run_worker(tmp_path)
+    ours = figures(metrics.render(7, 70, str(tmp_path)).decode())
+    assert ours == as_prometheus_client_reads(tmp_path) | STORED
+    assert figure(ours, "imagestore_http_requests_total", route="/images", method="GET",
+                  status="404") == 4
+    assert figure(ours, "imagestore_http_request_duration_seconds_bucket",
+                  route="/images/<int:image_id>", method="DELETE", le="60.0") == 2
+
+    # A value changed in place, and an entry added to a file read before: read again.
+    path = str(sorted(tmp_path.glob("counter_*.db"))[0])
+    worker = MmapedDict(path)
+    stored = mmap_key("imagestore_uploads", "imagestore_uploads_total", ["outcome"],
+                      ["stored"], metrics.UPLOADS._documentation)
+    worker.write_value(stored, 5.0, 0.0)
+    worker.write_value(mmap_key("imagestore_uploads", "imagestore_uploads_total", ["outcome"],
+                                ["dirty"], metrics.UPLOADS._documentation), 1.0, 0.0)
+    worker.close()
+    ours = figures(metrics.render(7, 70, str(tmp_path)).decode())
+    assert ours == as_prometheus_client_reads(tmp_path) | STORED
+    assert figure(ours, "imagestore_uploads_total", outcome="stored") == 6
+    assert figure(ours, "imagestore_uploads_total", outcome="dirty") == 1
 
 
 # --- over a real gunicorn with several workers -------------------------------------------

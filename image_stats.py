@@ -9,6 +9,7 @@ which also makes the row on a new database or one from before it existed.
 
 from peewee import fn
 
+import compiled
 from models import Image, ImageStats, write_transaction
 
 ROW_ID = 1
@@ -22,11 +23,16 @@ def change(images, nbytes):
         ImageStats.id == ROW_ID).execute()
 
 
+def _row_query():
+    """The totals' row; compiled once (compiled.py), as every scrape reads it."""
+    return ImageStats.select(ImageStats.images, ImageStats.bytes).where(
+        ImageStats.id == ROW_ID)
+
+
 def read():
     """(images, bytes) stored; (0, 0) before the first recount."""
-    row = ImageStats.select(ImageStats.images, ImageStats.bytes).where(
-        ImageStats.id == ROW_ID).tuples().first()
-    return row or (0, 0)
+    found = compiled.rows(_row_query, {})
+    return tuple(found[0]) if found else (0, 0)
 
 
 def recount():

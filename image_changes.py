@@ -107,7 +107,8 @@ def delete_image(image, storage):
     try:
         with write_transaction():
             # The size the row has now (an import may have filled it in since it was read);
-            # nothing when another delete took the row first.
+            # nothing when another delete took the row first. (RETURNING: SQLite 3.35 and
+            # later, docs/observability.md.)
             for (size,) in Image.delete().where(Image.id == image.id).returning(
                     Image.size).tuples().execute():
                 if size is not None:

@@ -7,10 +7,10 @@ read by its key. `recount` sets them from the table itself, at every start of an
 which also makes the row on a new database or one from before it existed.
 """
 
-from peewee import fn
+from peewee import SqliteDatabase, fn
 
 import compiled
-from models import Image, ImageStats, write_transaction
+from models import Image, ImageStats, db, write_transaction
 
 ROW_ID = 1
 
@@ -36,16 +36,22 @@ def read():
 
 
 def recount():
-    """Set the totals from the image table (an image is stored once it has its file's size).
+    """Set the totals from the image table (an image is stored once it has its file's size);
+    nothing is written when they are right already (a start on a full disk can still read).
 
-    The row is locked first (a no-op update), so that on PostgreSQL an image recorded
-    meanwhile by another instance either is in the count or adds itself after it; SQLite's
-    write transaction lets nobody else write meanwhile.
+    On PostgreSQL the row is locked first (FOR UPDATE), so that an image another instance
+    records meanwhile is either in the count or adds itself after it; SQLite's write
+    transaction lets nobody else write meanwhile.
     """
     with write_transaction():
-        ImageStats.insert(id=ROW_ID, images=0, bytes=0).on_conflict_ignore().execute()
-        ImageStats.update(images=ImageStats.images).where(ImageStats.id == ROW_ID).execute()
+        row = _row_query()
+        if not isinstance(db.obj, SqliteDatabase):
+            row = row.for_update()
+        row = row.tuples().first()
         images, nbytes = Image.select(fn.COUNT(Image.id), fn.COALESCE(fn.SUM(Image.size), 0)
                                       ).where(Image.size.is_null(False)).tuples().get()
-        ImageStats.update(images=images, bytes=int(nbytes)).where(
-            ImageStats.id == ROW_ID).execute()
+        totals = {"images": images, "bytes": int(nbytes)}
+        if row is None:
+            ImageStats.insert(id=ROW_ID, **totals).on_conflict_ignore().execute()
+        elif tuple(row) != (totals["images"], totals["bytes"]):
+            ImageStats.update(**totals).where(ImageStats.id == ROW_ID).execute()

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, http_call, make_qcow2, make_rows, server_with_account
 from image_fixtures import HOSTILE
+from peewee import SqliteDatabase
 from prometheus_client import generate_latest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -30,6 +31,7 @@ import metrics
 import qcow2
 import queries
 from errors import ApiError, ValidationError
+from models import db
 from qcow2 import ImageRefused, inspect_qcow2
 from refusals import refusal_rule
 from storage import StorageUnavailable
@@ -252,6 +254,23 @@ def test_durations_are_kept_by_route_and_method(client, alice):
     buckets = [figure(after, f"{name}_bucket", **series, le=le)
                for le in ("0.005", "0.025", "0.1", "0.5", "2.5", "10.0", "60.0", "300.0", "+Inf")]
     assert buckets == sorted(buckets) and buckets[-1] == figure(after, f"{name}_count", **series)
+
+
+def row_version():
+    """Something that changes whenever the totals' row is written: SQLite's count of the
+    connection's changes, PostgreSQL's row version (xmin)."""
+    if isinstance(db.obj, SqliteDatabase):
+        return db.connection().total_changes
+    return db.execute_sql("SELECT xmin::text FROM imagestats").fetchone()[0]
+
+
+def test_a_recount_that_finds_the_totals_right_writes_nothing(app, alice, upload):
+    """So that a start on a full disk, which can still read, is not stopped by it."""
+    assert upload(alice, name="kept").status_code == 201
+    with app.app_context(), db.connection_context():
+        before = row_version()
+        image_stats.recount()
+        assert row_version() == before
 
 
 def test_imports_and_webhook_deliveries_are_counted_by_outcome(client):

@@ -23,7 +23,6 @@ from prometheus_client.utils import floatToGoString
 KINDS = ("counter", "histogram")
 FIRST_ENTRY = 8  # after the size in use (4 bytes) and 4 bytes of padding
 _INT = struct.Struct("i")
-_DOUBLE = struct.Struct("d")
 _ENTRIES = {}  # a file's path: (parsed up to, [(key, where its value is)])
 _KEYS = {}  # an entry's key: what its line needs (_parsed_key)
 
@@ -36,13 +35,12 @@ def read_folder(folder):
         sums = totals.get(os.path.basename(path).partition("_")[0])
         if sums is None:
             return None
-        for key, value in file_values(path):
-            sums[key] += value
+        add_file(path, sums)
     return totals
 
 
-def file_values(path):
-    """(key, value) of every entry of one worker's file."""
+def add_file(path, sums):
+    """Add the value of every entry of one worker's file to sums, by key."""
     with open(path, "rb") as file:
         data = file.read()
     used = _INT.unpack_from(data, 0)[0]
@@ -53,20 +51,28 @@ def file_values(path):
         length = _INT.unpack_from(data, parsed_to)[0]
         key = data[parsed_to + 4:parsed_to + 4 + length].decode()
         parsed_to += 4 + length + 8 - (length + 4) % 8  # the key is padded to 8 bytes
-        entries.append((key, parsed_to))
+        entries.append((key, parsed_to // 8))
         parsed_to += 16  # the value and its timestamp
     _ENTRIES[path] = (parsed_to, entries)
-    return [(key, _DOUBLE.unpack_from(data, at)[0]) for key, at in entries]
+    doubles = memoryview(data)[:len(data) // 8 * 8].cast("d")  # every value is 8-aligned
+    for key, index in entries:
+        sums[key] += doubles[index]
 
 
 def _parsed_key(key):
-    """(metric, sample name, labels as text, bucket bound or None, help) of an entry."""
+    """(metric, help, the start of the sample's line, and for a histogram's bucket the
+    labels of its series and its bound, else None) of an entry's key."""
     found = _KEYS.get(key)
     if found is None:
         metric, name, labels, help_text = json.loads(key)
         bound = labels.pop("le", None)  # as prometheus_client wrote it: floatToGoString
         text = ",".join(f'{label}="{escaped(value)}"' for label, value in sorted(labels.items()))
-        found = _KEYS[key] = (metric, name, text, bound, help_text)
+        if bound is None:
+            found = (metric, help_text, head(name, text), None)
+        else:
+            bucket = head(f"{metric}_bucket", f'{text}{"," if text else ""}le="{bound}"')
+            found = (metric, help_text, bucket, (text, float(bound)))
+        _KEYS[key] = found
     return found
 
 
@@ -75,13 +81,13 @@ def text(totals):
     families = {}
     for kind, sums in totals.items():
         for key, value in sums.items():
-            metric, name, labels, bound, help_text = _parsed_key(key)
+            metric, help_text, start, bucket = _parsed_key(key)
             family = families.get(metric) or families.setdefault(
                 metric, (kind, help_text, [], defaultdict(list)))
-            if bound is None:
-                family[2].append((name, labels, value))
+            if bucket is None:
+                family[2].append(start + floatToGoString(value) + "\n")
             else:  # a bucket counts only its own values in the files; summed up in _lines
-                family[3][labels].append((float(bound), bound, value))
+                family[3][bucket[0]].append((bucket[1], start, value))
     return "".join(line for metric, family in families.items()
                    for line in _lines(metric, *family))
 
@@ -90,20 +96,23 @@ def _lines(metric, kind, help_text, samples, buckets):
     """The lines of one metric, as prometheus_client's generate_latest writes them."""
     title = f"{metric}_total" if kind == "counter" else metric
     yield f"# HELP {title} {escaped_help(help_text)}\n# TYPE {title} {kind}\n"
-    for name, labels, value in samples:
-        yield line(name, labels, value)
+    yield from samples
     for labels, counts in buckets.items():
-        total, prefix = 0.0, f"{labels}," if labels else ""
-        for _, bound, value in sorted(counts):
+        total = 0.0
+        for _, start, value in sorted(counts):
             total += value
-            yield line(f"{metric}_bucket", f'{prefix}le="{bound}"', total)
+            yield start + floatToGoString(total) + "\n"
         yield line(f"{metric}_count", labels, total)
 
 
+def head(name, labels):
+    """The start of a sample's line, up to its value; labels as text, `a="1",b="2"`."""
+    return f"{name}{{{labels}}} " if labels else f"{name} "
+
+
 def line(name, labels, value):
-    """One sample's line; labels as text, `a="1",b="2"`."""
-    number = floatToGoString(value)
-    return f"{name}{{{labels}}} {number}\n" if labels else f"{name} {number}\n"
+    """One sample's line."""
+    return head(name, labels) + floatToGoString(value) + "\n"
 
 
 def escaped(value):

@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import struct
+import threading
 from collections import defaultdict
 
 from prometheus_client.utils import floatToGoString
@@ -24,6 +25,9 @@ KINDS = ("counter", "histogram")
 FIRST_ENTRY = 8  # after the size in use (4 bytes) and 4 bytes of padding
 _INT = struct.Struct("i")
 _ENTRIES = {}  # a file's path: (parsed up to, [(key, where its value is)])
+# One scrape at a time reads the files: two threads parsing a file's new entries at once
+# would each add them to its list of entries.
+_READING = threading.Lock()
 _KEYS = {}  # an entry's key: what its line needs (_parsed_key)
 
 
@@ -31,11 +35,12 @@ def read_folder(folder):
     """{kind: {key: value summed over all the files}} of the files in folder; None when it
     holds a kind of file other than KINDS."""
     totals = {kind: defaultdict(float) for kind in KINDS}
-    for path in glob.glob(os.path.join(folder, "*.db")):
-        sums = totals.get(os.path.basename(path).partition("_")[0])
-        if sums is None:
-            return None
-        add_file(path, sums)
+    with _READING:
+        for path in glob.glob(os.path.join(folder, "*.db")):
+            sums = totals.get(os.path.basename(path).partition("_")[0])
+            if sums is None:
+                return None
+            add_file(path, sums)
     return totals
 
 

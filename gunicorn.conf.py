@@ -74,6 +74,9 @@ def on_starting(server):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_folder()
 
 
+METRICS_FOLDER_PREFIX = "imagestore-metrics-"
+
+
 def _fresh_metrics_folder():
     """A new private folder (mode 0700) for this start's figures, where every worker keeps
     its own files and a scrape of /metrics adds them all up (metrics.py).
@@ -81,11 +84,18 @@ def _fresh_metrics_folder():
     New at each start, so that nothing of an earlier one is counted again: prometheus_client
     wants it empty. The workers inherit it in their environment before they first import
     prometheus_client, which is when it picks its multiprocess mode; the master imports it
-    only in child_exit, after this.
+    only in child_exit, after this. The folders of masters that died without on_exit (a
+    SIGKILL) are removed first: the master's pid is in the name.
     """
+    import glob
+    import shutil
     import tempfile
 
-    return tempfile.mkdtemp(prefix="imagestore-metrics-")
+    for folder in glob.glob(os.path.join(tempfile.gettempdir(), METRICS_FOLDER_PREFIX + "*-*")):
+        pid = os.path.basename(folder).removeprefix(METRICS_FOLDER_PREFIX).partition("-")[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(folder, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{METRICS_FOLDER_PREFIX}{os.getpid()}-")
 
 
 def child_exit(server, worker):

@@ -436,6 +436,17 @@ def metrics_folder(pid):
     return folder
 
 
+def left_by_a_killed_master():
+    """A metrics folder as a master that died without its on_exit leaves it (its pid, now
+    of no process, in the name)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    assert not Path(f"/proc/{process.pid}").exists()
+    folder = Path(tempfile.mkdtemp(prefix=f"imagestore-metrics-{process.pid}-"))
+    (folder / "counter_1.db").write_bytes(b"")
+    return folder
+
+
 def audit_actions(server):
     """The actions of the audit lines in the server's standard error, in order."""
     return [json.loads(line)["action"] for line in server.log_text().splitlines()
@@ -446,9 +457,11 @@ def test_figures_are_the_sum_of_all_workers_and_survive_their_restart(tmp_path):
     image = make_qcow2(tmp_path / "disk.qcow2", "1M")
     env = {"WEB_CONCURRENCY": str(WORKERS), "METRICS_TOKEN": METRICS_TOKEN,
            "MAX_IMAGE_SIZE": "1M"}
+    left = left_by_a_killed_master()
     with server_with_account(tmp_path / "instance", "alice", env) as server:
         folder = metrics_folder(server.worker_pids()[0])
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700  # private, and new for this start
+        assert not left.exists()
         expected = known_traffic(server, image)
         # Whichever worker answers, it tells every worker's figures.
         for _ in range(2 * WORKERS):

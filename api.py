@@ -1,17 +1,31 @@
 """The HTTP routes: thin wrappers that read the request, call the rules, shape the answer."""
 
+import functools
 import os
+import time
 from functools import partial
 
-from flask import Blueprint, Response, current_app, g, jsonify, request, send_file
+from flask import (
+    Blueprint,
+    Response,
+    after_this_request,
+    current_app,
+    g,
+    jsonify,
+    request,
+    send_file,
+)
 from peewee import PeeweeException
 
 import access
+import audit
 import image_changes
+import image_stats
 import imports
+import metrics
 import queries
 from access import readable_image, writable_image
-from auth import require_scope
+from auth import audit_failure, bearer_matches, require_scope, who
 from digests import check_sha256, expected_sha256, repr_digest
 from diskspace import check_room_for_upload, parts_short_of_space
 from downloads import DISK_TYPES, JSON, file_response, negotiate
@@ -19,6 +33,7 @@ from errors import ApiError, ValidationError, disk_full, not_found
 from links import link_matches, parse_expires_in, qemu_fields, read_link, sign_link
 from models import db
 from qcow2 import HEADER_READ_SIZE, ImageRefused, check_header_start, inspect_qcow2
+from refusals import refusal_rule
 from representations import image_json, images_json, last_modified, rfc3339
 from uploads import (
     body_stream,
@@ -37,6 +52,41 @@ OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi
 
 def storage():
     return current_app.extensions["storage"]
+
+
+@bp.before_app_request
+def start_clock():
+    """Note when the request reached the app, for its duration in /metrics."""
+    g.request_started = time.perf_counter()
+
+
+@bp.after_app_request
+def count_request(response):
+    """Count every answer by route (the URL rule, never the raw path), method and status."""
+    started = g.get("request_started")
+    if started is not None:
+        rule = request.url_rule
+        metrics.count_request(rule and rule.rule, request.method, response.status_code,
+                              time.perf_counter() - started)
+    return response
+
+
+def audited(action, status, image=None, **fields):
+    """One audit line for this request: its user, token and address, and what they did."""
+    audit.record(action, status=status, image=image, **who(), **fields)
+
+
+@bp.get("/metrics")
+def metrics_text():
+    """The service's figures in Prometheus text format, summed over every worker; with
+    METRICS_TOKEN set, only for `Authorization: Bearer <it>`."""
+    token = current_app.config["METRICS_TOKEN"]
+    if token and not bearer_matches(request.headers.get("Authorization"), token):
+        audit_failure(401, "Missing or wrong metrics token")
+        raise ApiError(401, "Metrics need the bearer token METRICS_TOKEN",
+                       {"WWW-Authenticate": 'Bearer realm="imagestore"'})
+    body = metrics.render(*image_stats.read(), current_app.config["METRICS_MULTIPROC_DIR"])
+    return Response(body, content_type=metrics.CONTENT_TYPE)
 
 
 @bp.get("/healthz")
@@ -99,8 +149,41 @@ def page_answer(rows, url, page, has_next):
     return response
 
 
+def counted_upload(view):
+    """Count and audit how an upload that is not stored ends: the rule that refused it,
+    and the status it is answered with. A JSON body is an import from a URL, which its own
+    code counts."""
+
+    @functools.wraps(view)
+    def wrapped(*args, **kwargs):
+        try:
+            return view(*args, **kwargs)
+        except Exception as error:
+            if request.mimetype != "application/json":
+                after_this_request(partial(_refused, refusal_rule(error)))
+            raise
+
+    return wrapped
+
+
+def _refused(rule, response):
+    """Count and audit a refused upload, once its answer is made."""
+    metrics.count_upload(rule)
+    audited("refuse", response.status_code, rule=rule,
+            name=request.args.get("name", "")[:100] or None,
+            namespace=request.args.get("namespace", "")[:100] or None)
+    return response
+
+
+def uploaded(image):
+    """Count and audit a stored upload."""
+    metrics.count_upload("stored")
+    audited("upload", 201, image)
+
+
 @bp.post("/images")
 @require_scope("image:write")
+@counted_upload
 def create_image():
     """Stream the body to a temporary file, inspect it, store it, record it; a JSON body
     is an import from its download_url instead."""
@@ -139,6 +222,7 @@ def import_image():
         raw += piece
     image = imports.start_import(g.user, raw, current_app.config, base_url())
     body = image_json(image, base_url())
+    uploaded(image)
     return jsonify(body), 201, {"Location": body["url"]}
 
 
@@ -164,7 +248,7 @@ def get_image(image_id):
                        {"Vary": "Accept"})
     image = readable_image(g.user, image_id)
     if mimetype != JSON:
-        return send_image(image, mimetype)
+        return counted_download(send_image(image, mimetype), image, "file")
     response = jsonify(image_json(image, base_url()))
     response.vary.add("Accept")
     return response
@@ -174,7 +258,9 @@ def get_image(image_id):
 @require_scope("image:delete")
 def delete_image(image_id):
     """Remove the image's row and file."""
-    image_changes.delete_image(writable_image(g.user, image_id), storage(), base_url())
+    image = writable_image(g.user, image_id)
+    image_changes.delete_image(image, storage(), base_url())
+    audited("delete", 204, image)
     response = Response(status=204)
     del response.headers["Content-Type"]
     return response
@@ -189,18 +275,34 @@ def create_link(image_id):
     imports.check_downloaded(image)
     token, expires_at = sign_link(current_app.config["SECRET_KEY"], image, expires_in)
     url = f"{base_url()}/links/{token}/{image.name}.qcow2"
+    audited("link.create", 201, image, expires_at=rfc3339(expires_at))  # never the URL
     return jsonify(url=url, expires_at=rfc3339(expires_at), **qemu_fields(url)), 201
 
 
 @bp.get("/links/<token>/<filename>")
 def follow_link(token, filename):
     """Serve the file named by a signed link, to anyone who holds it."""
-    image_id, tag = read_link(current_app.config["SECRET_KEY"], token)
+    try:
+        image_id, tag = read_link(current_app.config["SECRET_KEY"], token)
+    except ApiError as error:  # forged, from another key, or expired
+        audit_failure(error.status, error.message)
+        raise
     image = queries.find_image(image_id)
     if not link_matches(image, tag):
         raise not_found()
     mimetype = negotiate(request.headers.get("Accept"))
-    return send_image(image, mimetype if mimetype in DISK_TYPES else DISK_TYPES[1])
+    response = send_image(image, mimetype if mimetype in DISK_TYPES else DISK_TYPES[1])
+    return counted_download(response, image, "link")
+
+
+def counted_download(response, image, via):
+    """Count and audit a GET of image's file (via "file" or "link"); a HEAD reads none."""
+    if request.method == "GET":
+        sent = response.content_length if response.status_code in (200, 206) else 0
+        metrics.count_download(via, response.status_code, sent)
+        audited("download" if via == "file" else "link.use", response.status_code, image,
+                bytes=sent)
+    return response
 
 
 def send_image(image, mimetype):

@@ -3,6 +3,8 @@
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+import audit
+import image_stats
 import jobs
 import webhooks
 from api import bp
@@ -36,6 +38,7 @@ def create_app(test_config=None, instance_path=None, prepare=True):
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_IMAGE_SIZE"]
     app.json = OrjsonProvider(app)
     app.json.sort_keys = False
+    audit.configure(app.config["AUDIT_LOG"])
 
     open_database(app.config["DATABASE_URL"])
     app.extensions["storage"] = storage_from_url(
@@ -59,7 +62,8 @@ def create_app(test_config=None, instance_path=None, prepare=True):
     webhooks.register_job(app.config)
 
     if app.config["TRUST_PROXY_HEADERS"]:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)
+        # X-Forwarded-For too: the audit log's client address, not the proxy's.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)
     register_error_handlers(app)
     register_cli(app)
     app.register_blueprint(bp)
@@ -87,6 +91,7 @@ def prepare_instance(app):
         recover(app.extensions["storage"], has_image_with_key)
         sweep_expired(app.extensions["storage"])
         recover_imports()  # none left pending for ever (imports.py)
+        image_stats.recount()  # the totals /metrics shows, right again at every start
 
 
 def recover_leftovers(app):

@@ -2,10 +2,12 @@
 
 import functools
 import hashlib
+import hmac
 import secrets
 
 from flask import g, request
 
+import audit
 import compiled
 from compiled import slot
 from errors import ApiError, unauthorized
@@ -80,8 +82,30 @@ def authenticate(credentials):
     return token
 
 
+def bearer_matches(header, secret):
+    """Whether an Authorization header is `Bearer <secret>`, compared in constant time."""
+    scheme, _, value = (header or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(),
+                                                              secret.encode())
+
+
+def who(token=None):
+    """The audit fields of who makes this request: user, token id and client address."""
+    token = token or g.get("token")
+    return {"user": token and token.user, "token_id": token and token.id,
+            "client": request.remote_addr}
+
+
+def audit_failure(status, reason, token=None):
+    """An audit line for a refused credential (never the credential itself)."""
+    rule = request.url_rule
+    audit.record("auth.failure", status=status, reason=reason, method=request.method,
+                 route=rule and rule.rule, **who(token))
+
+
 def require_scope(scope, anonymous=False):
-    """Decorate a view so that it runs only for a token holding scope; sets g.user.
+    """Decorate a view so that it runs only for a token holding scope; sets g.user and
+    g.token.
 
     anonymous: a request without an Authorization header runs too, with g.user None, and
     the view's rules (access.py) decide what it may read. A header that is sent is checked
@@ -94,14 +118,20 @@ def require_scope(scope, anonymous=False):
             if anonymous and "Authorization" not in request.headers:
                 g.user = None
                 return view(*args, **kwargs)
-            token = authenticate(request.authorization)
+            try:
+                token = authenticate(request.authorization)
+            except ApiError as error:
+                audit_failure(error.status, error.message)
+                raise
             if scope not in parse_scopes(token.scopes):
-                raise ApiError(
+                error = ApiError(
                     403,
                     f"Token lacks the {scope} scope",
                     {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'},
                 )
-            g.user = token.user
+                audit_failure(error.status, error.message, token)
+                raise error
+            g.user, g.token = token.user, token
             return view(*args, **kwargs)
 
         return wrapped

@@ -201,6 +201,13 @@ def load_config(instance_path, environ=None):
         "DOWNLOAD_ALLOW_HOSTS": _host_list(env.get("DOWNLOAD_ALLOW_HOSTS", "")),
         "DOWNLOAD_CONNECT_TIMEOUT": float(env.get("DOWNLOAD_CONNECT_TIMEOUT", "10")),
         "DOWNLOAD_STALL_TIMEOUT": float(env.get("DOWNLOAD_STALL_TIMEOUT", "60")),
+        # The bearer token GET /metrics wants; None leaves it open (docs/observability.md).
+        "METRICS_TOKEN": env.get("METRICS_TOKEN") or None,
+        # Where every worker keeps its figures, set by gunicorn.conf.py's master; None when
+        # this process is alone (tests, the CLI) and keeps them in memory.
+        "METRICS_MULTIPROC_DIR": env.get("PROMETHEUS_MULTIPROC_DIR") or None,
+        # The audit log's file; None for standard error.
+        "AUDIT_LOG": env.get("AUDIT_LOG") or None,
         **_job_settings(env),
     }
 

@@ -70,6 +70,53 @@ def on_starting(server):
         raise RuntimeError(f"flask --app app init-db failed (exit status {returncode}), "
                            "so the instance is not ready to serve")
     os.environ["IMAGESTORE_PREPARED"] = "1"
+    # Set last, so that the release step above keeps its figures in memory, like the CLI.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_folder()
+
+
+METRICS_FOLDER_PREFIX = "imagestore-metrics-"
+
+
+def _fresh_metrics_folder():
+    """A new private folder (mode 0700) for this start's figures, where every worker keeps
+    its own files and a scrape of /metrics adds them all up (metrics.py).
+
+    New at each start, so that nothing of an earlier one is counted again: prometheus_client
+    wants it empty. The workers inherit it in their environment before they first import
+    prometheus_client, which is when it picks its multiprocess mode; the master imports it
+    only in child_exit, after this. The folders of masters that died without on_exit (a
+    SIGKILL) are removed first: the master's pid is in the name.
+    """
+    import glob
+    import shutil
+    import tempfile
+
+    for folder in glob.glob(os.path.join(tempfile.gettempdir(), METRICS_FOLDER_PREFIX + "*-*")):
+        pid = os.path.basename(folder).removeprefix(METRICS_FOLDER_PREFIX).partition("-")[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(folder, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{METRICS_FOLDER_PREFIX}{os.getpid()}-")
+
+
+def child_exit(server, worker):
+    """A worker is gone (it exited, or was killed): prometheus_client's bookkeeping for it.
+
+    Its counters stay in its files and go on counting in every scrape, which is how the
+    figures survive it; mark_process_dead removes only the files of gauges that count
+    live processes, of which the service has none so far.
+    """
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """gunicorn stops: this start's metrics folder goes with it."""
+    import shutil
+
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def post_worker_init(worker):

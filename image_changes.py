@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from peewee import IntegrityError
 
+import image_stats
 from errors import ValidationError
 from models import Image, Namespace, User, write_transaction
 from namespaces import NamespaceRef, ensure_namespace, parse_namespace_ref, resolve_upload_target
@@ -113,6 +114,8 @@ def record_image(plan, columns, then=None, base_url=None):
                                  name=plan.name, **columns)
             if then is not None:
                 then(image)
+            if columns.get("storage_key") is not None:  # an import counts once it has its file
+                image_stats.change(1, columns["size"])
             _emit("created", image, base_url)
     except IntegrityError:
         raise ValidationError("name", NAME_TAKEN) from None
@@ -160,7 +163,13 @@ def delete_image(image, storage, base_url=None):
     try:
         with write_transaction():
             _emit("deleted", image, base_url)
-            Image.delete().where(Image.id == image.id).execute()
+            # The size the row has now (an import may have filled it in since it was read);
+            # nothing when another delete took the row first. (RETURNING: SQLite 3.35 and
+            # later, docs/observability.md.)
+            for (size,) in Image.delete().where(Image.id == image.id).returning(
+                    Image.size).tuples().execute():
+                if size is not None:
+                    image_stats.change(-1, -size)
     except BaseException:
         storage.intents.settle(image.storage_key)  # the row is still there, and so is the file
         raise

@@ -221,7 +221,16 @@ class Job(BaseModel):
         indexes = ((("state", "run_at"), False),)
 
 
-MODELS = (User, Token, Namespace, Collaborator, Image, Upload, Webhook, WebhookDelivery, Job)
+class ImageStats(BaseModel):
+    """One row: how many images are stored and the bytes of their files, changed in the
+    transaction of each change (image_stats.py), so that /metrics reads it without a scan."""
+
+    images = BigIntegerField(default=0)
+    bytes = BigIntegerField(default=0)
+
+
+MODELS = (User, Token, Namespace, Collaborator, Image, Upload, Webhook, WebhookDelivery, Job,
+          ImageStats)
 
 
 # Any number that all instances share: the key of the advisory lock taken while

@@ -86,8 +86,22 @@ _OTHER_FORMATS = (  # (offset, signature, what the file is, what to do)
 )
 
 
+# The short, stable names of the rules a file can fail, one per kind of refusal: the label
+# of the refused uploads in /metrics and the `rule` of the audit log (docs/observability.md).
+REFUSAL_RULES = (
+    "not_qcow2", "unsupported_version", "truncated", "malformed_header", "malformed_tables",
+    "backing_file", "data_file", "encrypted", "corrupt", "dirty", "unknown_features",
+    "virtual_size", "qemu_img_open", "qemu_img_mismatch", "qemu_img_limits", "check_failed",
+)
+
+
 class ImageRefused(Exception):
-    """An upload that is not a safe QCOW2 image; str(exc) is the user-facing message."""
+    """An upload that is not a safe QCOW2 image; str(exc) is the user-facing message, and
+    rule the name of the rule it failed (one of REFUSAL_RULES)."""
+
+    def __init__(self, message: str, rule: str):
+        super().__init__(message)
+        self.rule = rule
 
 
 @dataclass(frozen=True)
@@ -143,9 +157,9 @@ class Qcow2Header:
         return 1 << self.cluster_bits
 
 
-def _refuse(reason: str) -> ImageRefused:
-    """An ImageRefused whose message carries the contract's prefix."""
-    return ImageRefused(PREFIX + reason)
+def _refuse(rule: str, reason: str) -> ImageRefused:
+    """An ImageRefused for rule whose message carries the contract's prefix."""
+    return ImageRefused(PREFIX + reason, rule)
 
 
 def _human(size: int) -> str:
@@ -158,23 +172,25 @@ def _human(size: int) -> str:
 def _not_qcow2(data: bytes) -> ImageRefused:
     """Refusal for a file without the QCOW2 signature, naming the format when we know it."""
     if not data:
-        return _refuse("not in QCOW2 format (the file is empty); upload a .qcow2 image")
+        return _refuse("not_qcow2",
+                       "not in QCOW2 format (the file is empty); upload a .qcow2 image")
     for offset, signature, what, advice in _OTHER_FORMATS:
         if data[offset:offset + len(signature)] == signature:
-            return _refuse(f"not in QCOW2 format (it is {what}); {advice}")
-    return _refuse(f"not in QCOW2 format (it does not start with the QCOW2 signature); {_CONVERT}")
+            return _refuse("not_qcow2", f"not in QCOW2 format (it is {what}); {advice}")
+    return _refuse("not_qcow2",
+                   f"not in QCOW2 format (it does not start with the QCOW2 signature); {_CONVERT}")
 
 
 def _truncated() -> ImageRefused:
     """Refusal for a header or header extension that runs past the data read."""
-    return _refuse(f"the header is truncated; {_REMAKE}")
+    return _refuse("truncated", f"the header is truncated; {_REMAKE}")
 
 
 def read_qcow2_header(data: bytes, file_size: int, max_virtual_size: int) -> Qcow2Header:
     """Parse and vet a QCOW2 header from the file's first bytes; raise ImageRefused if unsafe."""
     header = _parse_header(data)
     if header.backing_file_offset or header.backing_file_size:
-        raise _refuse(f"the image has a backing file; {_FLATTEN}")
+        raise _refuse("backing_file", f"the image has a backing file; {_FLATTEN}")
     header = replace(header, extensions=_read_extensions(data, header))
     _check_features(header)
     _check_size(header.virtual_size, max_virtual_size)
@@ -203,9 +219,11 @@ def _parse_header(data: bytes) -> Qcow2Header:
     header = Qcow2Header(*fields)
     if header.version not in (2, 3):
         old = " (the old QCOW format)" if header.version == 1 else ""
-        raise _refuse(f"unsupported QCOW2 version {header.version}{old}; {_CONVERT}")
+        raise _refuse("unsupported_version",
+                      f"unsupported QCOW2 version {header.version}{old}; {_CONVERT}")
     if not 9 <= header.cluster_bits <= 21:
-        raise _refuse(f"invalid cluster size 2^{header.cluster_bits} (QCOW2 allows 2^9 to 2^21);"
+        raise _refuse("malformed_header",
+                      f"invalid cluster size 2^{header.cluster_bits} (QCOW2 allows 2^9 to 2^21);"
                       f" {_REMAKE}")
     if header.version == 2:
         return header
@@ -214,7 +232,7 @@ def _parse_header(data: bytes) -> Qcow2Header:
     header = Qcow2Header(*fields, *_V3_HEADER.unpack_from(data, _V2_HEADER.size))
     length = header.header_length
     if not 104 <= length <= header.cluster_size or length % 8:
-        raise _refuse(f"invalid header length {length}; {_REMAKE}")
+        raise _refuse("malformed_header", f"invalid header length {length}; {_REMAKE}")
     if len(data) < length:
         raise _truncated()
     return replace(header, compression_type=data[104] if length > 104 else 0)
@@ -231,7 +249,8 @@ def _read_extensions(data: bytes, header: Qcow2Header) -> tuple[int, ...]:
             return tuple(found)
         offset += 8
         if length > end - offset:
-            raise _refuse(f"a header extension runs past the first cluster; {_REMAKE}")
+            raise _refuse("malformed_header",
+                          f"a header extension runs past the first cluster; {_REMAKE}")
         found.append(kind)
         offset += (length + 7) & ~7
 
@@ -240,39 +259,45 @@ def _check_features(header: Qcow2Header) -> None:
     """Refuse external files, encryption, corrupt or dirty images and unknown features."""
     incompatible, extensions = header.incompatible_features, header.extensions
     if _EXT_BACKING_FORMAT in extensions:
-        raise _refuse(f"the image has a backing file; {_FLATTEN}")
+        raise _refuse("backing_file", f"the image has a backing file; {_FLATTEN}")
     if (incompatible & _DATA_FILE or _EXT_DATA_FILE in extensions
             or header.autoclear_features & _AUTOCLEAR_DATA_FILE_RAW):
-        raise _refuse(f"the image uses an external data file; {_FLATTEN}")
+        raise _refuse("data_file", f"the image uses an external data file; {_FLATTEN}")
     if header.crypt_method or _EXT_CRYPTO in extensions:
         kind = {1: "legacy AES", 2: "LUKS"}.get(header.crypt_method, "unknown")
-        raise _refuse(f"the image is encrypted ({kind} encryption); {_DECRYPT}")
+        raise _refuse("encrypted", f"the image is encrypted ({kind} encryption); {_DECRYPT}")
     if incompatible & _CORRUPT:
-        raise _refuse(f"the image is marked corrupt; {_REPAIR}")
+        raise _refuse("corrupt", f"the image is marked corrupt; {_REPAIR}")
     if incompatible & _DIRTY:
-        raise _refuse(f"the image was not closed cleanly (dirty flag set); {_REPAIR}")
+        raise _refuse("dirty", f"the image was not closed cleanly (dirty flag set); {_REPAIR}")
     if incompatible & ~_KNOWN_INCOMPATIBLE:
-        raise _refuse(f"the image uses unknown incompatible features (bits "
+        raise _refuse("unknown_features",
+                      f"the image uses unknown incompatible features (bits "
                       f"{incompatible & ~_KNOWN_INCOMPATIBLE:#x}); convert it with the qemu-img "
                       f"that made it: `qemu-img convert -O qcow2 -o compat=1.1 in.qcow2 out.qcow2`")
     if header.compression_type not in (0, 1) or bool(header.compression_type) != bool(
             incompatible & _COMPRESSION):
-        raise _refuse(f"invalid compression type {header.compression_type}; {_REMAKE}")
+        raise _refuse("malformed_header",
+                      f"invalid compression type {header.compression_type}; {_REMAKE}")
     if header.refcount_order > 6 or (header.version == 2 and header.refcount_order != 4):
-        raise _refuse(f"invalid refcount width 2^{header.refcount_order}; {_REMAKE}")
+        raise _refuse("malformed_header",
+                      f"invalid refcount width 2^{header.refcount_order}; {_REMAKE}")
     if incompatible & _EXTENDED_L2 and header.cluster_bits < 14:
-        raise _refuse(f"invalid cluster size for extended L2 entries; {_REMAKE}")
+        raise _refuse("malformed_header",
+                      f"invalid cluster size for extended L2 entries; {_REMAKE}")
 
 
 def _check_size(size: int, max_virtual_size: int) -> None:
     """Refuse a virtual size above the limit (never above 1 PiB) or not in whole sectors."""
     limit = min(max_virtual_size, HARD_MAX_VIRTUAL_SIZE)
     if size > limit:
-        raise _refuse(f"the virtual size {_human(size)} ({size} bytes) is larger than the limit of "
+        raise _refuse("virtual_size",
+                      f"the virtual size {_human(size)} ({size} bytes) is larger than the limit of "
                       f"{_human(limit)}; make the disk smaller (shrink its partitions, then "
                       f"`qemu-img resize --shrink in.qcow2 SIZE`)")
     if size % 512:
-        raise _refuse(f"the virtual size {size} is not a multiple of 512 bytes; {_REMAKE}")
+        raise _refuse("malformed_header",
+                      f"the virtual size {size} is not a multiple of 512 bytes; {_REMAKE}")
 
 
 def _check_tables(header: Qcow2Header, file_size: int) -> None:
@@ -280,15 +305,16 @@ def _check_tables(header: Qcow2Header, file_size: int) -> None:
     cluster, l1_size = header.cluster_size, header.l1_size
     covered = cluster * (cluster // (16 if header.incompatible_features & _EXTENDED_L2 else 8))
     if not -(-header.virtual_size // covered) <= l1_size <= _MAX_L1_BYTES // 8:
-        raise _refuse(f"invalid L1 table size {l1_size}; {_REMAKE}")
+        raise _refuse("malformed_tables", f"invalid L1 table size {l1_size}; {_REMAKE}")
     _check_table("L1 table", header.l1_table_offset, l1_size * 8, cluster, file_size)
     clusters = header.refcount_table_clusters
     if not 1 <= clusters <= _MAX_REFTABLE_BYTES // cluster:
-        raise _refuse(f"invalid refcount table size {clusters}; {_REMAKE}")
+        raise _refuse("malformed_tables", f"invalid refcount table size {clusters}; {_REMAKE}")
     _check_table("refcount table", header.refcount_table_offset, clusters * cluster, cluster,
                   file_size)
     if header.nb_snapshots > _MAX_SNAPSHOTS:
-        raise _refuse(f"invalid snapshot table ({header.nb_snapshots} snapshots); {_REMAKE}")
+        raise _refuse("malformed_tables",
+                      f"invalid snapshot table ({header.nb_snapshots} snapshots); {_REMAKE}")
     _check_table("snapshot table", header.snapshots_offset, header.nb_snapshots * 40, cluster,
                  file_size)
 
@@ -296,7 +322,8 @@ def _check_tables(header: Qcow2Header, file_size: int) -> None:
 def _check_table(name: str, offset: int, length: int, cluster: int, file_size: int) -> None:
     """Refuse a metadata table that is misaligned, overlaps the header or ends past the file."""
     if length and (offset % cluster or offset == 0 or offset + length > file_size):
-        raise _refuse(f"invalid {name} (misaligned or past the end of the file); {_REMAKE}")
+        raise _refuse("malformed_tables",
+                      f"invalid {name} (misaligned or past the end of the file); {_REMAKE}")
 
 
 def _limit_resources(cpu_seconds: int, parent: int) -> None:
@@ -348,12 +375,14 @@ def _run_qemu_img(*args: str, budget: CheckBudget | None = None
                 stderr=subprocess.DEVNULL, env=_ENV, timeout=budget.wall_seconds,
                 preexec_fn=limits, check=False)
         except subprocess.TimeoutExpired:
-            raise _refuse(f"qemu-img took longer than {budget.wall_seconds:g} s to read it; "
+            raise _refuse("qemu_img_limits",
+                          f"qemu-img took longer than {budget.wall_seconds:g} s to read it; "
                           f"{_CONVERT} to rebuild its metadata") from None
         if done.returncode == -signal.SIGXCPU:
             raise _over_budget(budget)
         if done.returncode < 0:  # killed by a signal: a memory or output limit
-            raise _refuse(f"qemu-img ran out of its CPU, memory or output allowance reading it; "
+            raise _refuse("qemu_img_limits",
+                          f"qemu-img ran out of its CPU, memory or output allowance reading it; "
                           f"{_CONVERT}")
         out.seek(0)
         done.stdout = out.read(OUTPUT_BYTES)
@@ -363,6 +392,7 @@ def _run_qemu_img(*args: str, budget: CheckBudget | None = None
 def _over_budget(budget: CheckBudget) -> ImageRefused:
     """Refusal for an image whose metadata costs more CPU than a file of its size may."""
     return _refuse(
+        "qemu_img_limits",
         f"checking it needs more CPU time than the {budget.cpu_seconds} s allowed for a file of "
         f"its size ({CPU_BASE_SECONDS} s plus {CPU_SECONDS_PER_GIB} s per GiB): its metadata "
         f"makes far more work than its size accounts for; {_CONVERT} to rebuild it")
@@ -388,29 +418,31 @@ def _check_info(info: dict, header: Qcow2Header) -> None:
     """Refuse when qemu-img info sees another file, encryption, damage or another geometry."""
     specific = (info.get("format-specific") or {}).get("data") or {}
     if any(key in info for key in ("backing-filename", "full-backing-filename")):
-        raise _refuse(f"the image has a backing file; {_FLATTEN}")
+        raise _refuse("backing_file", f"the image has a backing file; {_FLATTEN}")
     if "data-file" in specific or specific.get("data-file-raw"):
-        raise _refuse(f"the image uses an external data file; {_FLATTEN}")
+        raise _refuse("data_file", f"the image uses an external data file; {_FLATTEN}")
     if info.get("encrypted") or "encrypt" in specific:
-        raise _refuse(f"the image is encrypted; {_DECRYPT}")
+        raise _refuse("encrypted", f"the image is encrypted; {_DECRYPT}")
     if specific.get("corrupt"):
-        raise _refuse(f"the image is marked corrupt; {_REPAIR}")
+        raise _refuse("corrupt", f"the image is marked corrupt; {_REPAIR}")
     if info.get("dirty-flag"):
-        raise _refuse(f"the image was not closed cleanly (dirty flag set); {_REPAIR}")
+        raise _refuse("dirty", f"the image was not closed cleanly (dirty flag set); {_REPAIR}")
     seen = (info.get("format"), info.get("virtual-size"), info.get("cluster-size"),
             {"0.10": 2, "1.1": 3}.get(specific.get("compat")))
     if seen != ("qcow2", header.virtual_size, header.cluster_size, header.version):
-        raise _refuse(f"qemu-img info disagrees with the image header; {_REMAKE}")
+        raise _refuse("qemu_img_mismatch",
+                      f"qemu-img info disagrees with the image header; {_REMAKE}")
 
 
 def _check_consistency(done: subprocess.CompletedProcess[bytes]) -> None:
     """Refuse unless qemu-img check found nothing worse than leaked clusters (exit 3)."""
     report = _json_report(done)
     if done.returncode == 2 or report.get("corruptions"):
-        raise _refuse(f"qemu-img check found {report.get('corruptions', 'some')} corruptions; "
+        raise _refuse("corrupt",
+                      f"qemu-img check found {report.get('corruptions', 'some')} corruptions; "
                       f"{_REPAIR}")
     if done.returncode not in (0, 3) or report.get("check-errors"):
-        raise _refuse(f"qemu-img check could not finish checking it; {_REMAKE}")
+        raise _refuse("check_failed", f"qemu-img check could not finish checking it; {_REMAKE}")
 
 
 def _open_lock(folder: str, name: str) -> int:
@@ -489,7 +521,8 @@ def inspect_qcow2(path: str, max_virtual_size: int,
         # info first: it reports a backing or data file without opening it; check would.
         done = _run_qemu_img("info", "-f", "qcow2", "--output=json", spec, budget=budget)
         if done.returncode != 0:
-            raise _refuse(f"qemu-img cannot open it (see `qemu-img info in.qcow2`); {_REMAKE}")
+            raise _refuse("qemu_img_open",
+                          f"qemu-img cannot open it (see `qemu-img info in.qcow2`); {_REMAKE}")
         _check_info(_json_report(done), header)
         _check_consistency(
             _run_qemu_img("check", "-f", "qcow2", "--output=json", spec, budget=budget))

@@ -14,6 +14,7 @@ from flask import Response, after_this_request
 from gunicorn.http.errors import ChunkMissingTerminator, NoMoreData, ParseException
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
+import metrics
 from errors import DISK_FULL, ApiError, ValidationError
 from socketbody import socket_body
 
@@ -265,8 +266,11 @@ class BodyReader:
     def fill(self, view, stop_at=0):
         """Fill view (or only its first stop_at bytes); fewer only where the body ends."""
         wanted, filled = min(stop_at or len(view), len(view)), 0
-        while filled < wanted and (got := self._read_into(view[filled:wanted])):
-            filled += got
+        try:
+            while filled < wanted and (got := self._read_into(view[filled:wanted])):
+                filled += got
+        finally:
+            metrics.count_received(filled)  # once a piece (1 MiB), a broken one's part too
         return filled
 
     def _read_into(self, view):

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -64,11 +65,12 @@ def settings(args):
     if args.quick:
         return {"sizes": [8 * MiB, 32 * MiB], "reps": args.reps or 1, "list_sizes": (1000, 5000),
                 "wrk_seconds": 1, "wrk_reps": args.reps or 1, "inspect_reps": 3,
-                "refusal_sizes": (256 * MiB, 4 * MiB), "refusal_reps": args.reps or 2}
+                "refusal_sizes": (256 * MiB, 4 * MiB), "refusal_reps": args.reps or 2,
+                "metrics_images": 5000}
     return {"sizes": [16 * MiB, 64 * MiB, 256 * MiB, GiB], "reps": args.reps or 5,
             "list_sizes": (1000, 100_000), "wrk_seconds": 3, "wrk_reps": args.reps or 5,
             "inspect_reps": 9, "refusal_sizes": (4 * GiB, 4 * MiB),
-            "refusal_reps": args.reps or 5}
+            "refusal_reps": args.reps or 5, "metrics_images": 100_000}
 
 
 def human_size(n):
@@ -796,6 +798,97 @@ def bench_list(cfg, server, token):
     return results
 
 
+# ---------------------------------------------------------------- /metrics
+
+
+def seed_metrics_images(total):
+    """Rows (no files) until the store holds total images, then the stored totals set from
+    them as every start sets them (the rows are written behind image_stats' back)."""
+    import image_stats
+    from models import Image, User, db
+
+    owner, _ = User.get_or_create(username="metrics", defaults={"email": "m@example.com"})
+    start = Image.select().count()
+    rows = [{"author": owner, "user": owner, "name": f"m{i}", "storage_key": f"metrics-{i}",
+             "size": 200 * MiB, "virtual_size": 8 * GiB, "sha256": "0" * 64}
+            for i in range(start, total)]
+    with db.atomic():
+        for batch in range(0, len(rows), 1000):
+            Image.insert_many(rows[batch:batch + 1000]).execute()
+    image_stats.recount()
+    return image_stats.read()[0]
+
+
+# One request of each kind a service in use answers, so that the scrape holds the series it
+# would (a route, method and status each; a route and method's durations): (method, path,
+# with the token).
+SERIES_TRAFFIC = [
+    ("GET", "/images", True), ("GET", "/images", False), ("GET", "/images?page=2", True),
+    ("GET", "/images/999999999", True), ("HEAD", "/images/999999999", True),
+    ("DELETE", "/images/999999999", True), ("POST", "/images?name=x", True),
+    ("POST", "/images?name=x", False), ("PUT", "/images", True),
+    ("POST", "/images/999999999/links", True), ("GET", "/links/forged/x.qcow2", False),
+    ("GET", "/healthz", False), ("GET", "/openapi.json", False), ("GET", "/no/such", False),
+]
+
+
+def make_series(server, token):
+    """Answers of many kinds, each a series of the scrape; returns how many requests."""
+    for method, path, with_token in SERIES_TRAFFIC:
+        auth = ["-H", f"Authorization: Bearer {token}"] if with_token else []
+        body = ["--data-binary", "x"] if method == "POST" else []
+        curl("-X", method, *auth, *body, f"{server.url}{path}",
+             *(["-I"] if method == "HEAD" else []))
+    return len(SERIES_TRAFFIC)
+
+
+def app_seconds_per_scrape(url):
+    """The app's own mean time per GET /metrics, from its request histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    found = {(s.name, s.labels.get("route"), s.labels.get("method")): s.value
+             for family in text_string_to_metric_families(text) for s in family.samples}
+    name = "imagestore_http_request_duration_seconds"
+    return found[(f"{name}_sum", "/metrics", "GET")] / found[(f"{name}_count", "/metrics", "GET")]
+
+
+def bench_metrics(cfg, server, token):
+    """GET /metrics on a store of metrics_images images: its latency (wrk -c1, median)
+    beside the trivial route's, taking turns, and the app's own time per scrape."""
+    from app import create_app
+
+    app = create_app(instance_path=str(server.instance))
+    with app.app_context():
+        stored = seed_metrics_images(cfg["metrics_images"])
+    print(f"  {stored} images stored", flush=True)
+    make_series(server, token)
+    url, trivial = f"{server.url}/metrics", f"{server.url}/_bench/trivial"
+    wrk(url, token, 1, 1)  # warm up: every worker's connection, the files read once
+    with urllib.request.urlopen(url, timeout=30) as response:
+        samples = sum(1 for line in response.read().decode().splitlines()
+                      if not line.startswith("#"))
+    runs = {"metrics": [], "trivial": []}
+    order = [("metrics", url), ("trivial", trivial)]
+    for rep in range(cfg["wrk_reps"]):
+        for name, target in order if rep % 2 == 0 else order[::-1]:
+            runs[name].append(wrk(target, token, 1, cfg["wrk_seconds"])[1])
+    return {"images": stored, "samples": samples, "latency": runs,
+            "app_seconds": app_seconds_per_scrape(url)}
+
+
+def metrics_rows(mt):
+    latency = mt["latency"]
+    return [(f"GET /metrics latency (wrk -c1, median), {mt['images']} images stored, "
+             f"{mt['samples']} samples",
+             fmt_ms(latency["metrics"]), f"trivial JSON route: {fmt_ms(latency['trivial'])}",
+             f"{median_ratio(latency['metrics'], latency['trivial']):.2f}",
+             f"< 5 ms: {verdict(statistics.median(latency['metrics']) < 0.005)}"),
+            ("GET /metrics, the app's own time per scrape (its histogram's mean)",
+             f"{mt['app_seconds'] * 1e3:.2f} ms", "—", "—", "—")]
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -993,6 +1086,8 @@ def table(results):
         rows += list_rows(results["list"])
     if "import" in results:
         rows += import_rows(results["import"])
+    if "metrics" in results:
+        rows += metrics_rows(results["metrics"])
     head = "| figure | imagestore | reference | ratio | goal |\n| --- | --- | --- | --- | --- |\n"
     goals = [row[-1] for row in rows]
     tally = (f"\nGoals: {sum(g.endswith('PASS') for g in goals)} PASS, "
@@ -1059,7 +1154,7 @@ def report(results, command):
 # ---------------------------------------------------------------- main
 
 
-PARTS = ("transfers", "refusal", "inspection", "list", "import")
+PARTS = ("transfers", "refusal", "inspection", "list", "import", "metrics")
 
 
 def parse_args():
@@ -1108,6 +1203,9 @@ def run_parts(cfg, parts, results):
         if "import" in parts:
             print("import from a URL (nginx on loopback) against curl -o", flush=True)
             results["import"] = bench_import(cfg, work, store, token, nginx)
+        if "metrics" in parts:
+            print("/metrics", flush=True)
+            results["metrics"] = bench_metrics(cfg, store, token)
 
 
 def write_outputs(results, record):

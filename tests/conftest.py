@@ -10,6 +10,7 @@ bench/run.py and reliability/run.py start theirs with it too).
 """
 
 import contextlib
+import http.client
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -207,6 +208,18 @@ def server_with_account(folder, username, extra_env=None):
         yield server
     finally:
         stop_server(server)
+
+
+def http_call(server, method, path, headers=None, body=None):
+    """One request to a live server on a connection of its own (so any worker may take
+    it); returns (status, headers, body bytes)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
 
 
 def read_answers(sock, count=1):

@@ -211,6 +211,7 @@ def create_image():
         image = image_changes.create_image(plan, storage(), staged, size, sha256, info,
                                            base_url=base_url())
     body = image_json(image, base_url())
+    uploaded(image)
     return jsonify(body), 201, {"Location": body["url"]}
 
 
@@ -222,7 +223,6 @@ def import_image():
         raw += piece
     image = imports.start_import(g.user, raw, current_app.config, base_url())
     body = image_json(image, base_url())
-    uploaded(image)
     return jsonify(body), 201, {"Location": body["url"]}
 
 

@@ -153,7 +153,25 @@ class Image(BaseModel):
 # in a plain unique index, so this needs a partial one (SQLite and PostgreSQL both have them).
 Image.add_index(Image.index(Image.user, Image.name, unique=True).where(Image.namespace.is_null()))
 
-MODELS = (User, Token, Namespace, Collaborator, Image)
+
+
+class Quota(BaseModel):
+    """Limits on the images of one user, or of one root namespace and all below it (kept on
+    the root); a NULL limit is none. quotas.py counts the use against them."""
+
+    user = ForeignKeyField(User, null=True, unique=True, on_delete="CASCADE")
+    namespace = ForeignKeyField(Namespace, null=True, unique=True, on_delete="CASCADE")
+    max_bytes = BigIntegerField(null=True)
+    max_images = BigIntegerField(null=True)
+    created_at = DateTimeField(default=utcnow)
+
+
+# What a quota counts, read without the table (quotas.py): SUM(size) and COUNT(*) of one
+# owner's, or one namespace's, images from the index alone.
+Image.add_index(Image.index(Image.user, Image.size))
+Image.add_index(Image.index(Image.namespace, Image.size))
+
+MODELS = (User, Token, Namespace, Collaborator, Image, Quota)
 
 
 # Any number that all instances share: the key of the advisory lock taken while
@@ -282,3 +300,12 @@ def write_transaction():
     if isinstance(db.obj, SqliteDatabase):
         return db.atomic("IMMEDIATE")
     return db.atomic()
+
+
+def locking(query):
+    """query, made to lock the rows it selects until the transaction ends: SELECT … FOR
+    UPDATE on PostgreSQL. SQLite has no row locks and needs none: a write_transaction holds
+    the whole database's write lock from its start."""
+    if isinstance(db.obj, SqliteDatabase):
+        return query
+    return query.for_update()

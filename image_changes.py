@@ -15,6 +15,7 @@ from errors import ValidationError
 from models import Image, Namespace, User, write_transaction
 from namespaces import NamespaceRef, ensure_namespace, parse_namespace_ref, resolve_upload_target
 from queries import find_image
+from quotas import check_quota_at_record
 from storage import StorageUnavailable
 
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -74,6 +75,8 @@ def create_image(plan, storage, staged, size, sha256, info):
             namespace = plan.namespace
             if plan.ref and namespace is None:
                 namespace = ensure_namespace(plan.owner, plan.ref.segments)
+            # In this transaction, so that two racing uploads cannot both pass a quota.
+            check_quota_at_record(plan.owner, namespace, size)
             image = Image.create(author=plan.author, user=plan.owner, namespace=namespace,
                                  name=plan.name, storage_key=key, size=size,
                                  virtual_size=info.virtual_size, sha256=sha256)

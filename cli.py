@@ -1,11 +1,13 @@
-"""Admin commands: `flask --app app user|token|namespace ...`, init-db and sweep."""
+"""Admin commands: `flask --app app user|token|namespace|quota ...`, init-db and sweep."""
 
 import click
 from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 from peewee import IntegrityError, fn
 
+import quotas
 from auth import issue_token, parse_scopes
+from config import parse_size
 from errors import ValidationError
 from models import (
     VISIBILITIES,
@@ -23,6 +25,7 @@ from representations import rfc3339
 user_cli = AppGroup("user", help="Manage users.")
 token_cli = AppGroup("token", help="Manage API tokens.")
 namespace_cli = AppGroup("namespace", help="Manage namespaces.")
+quota_cli = AppGroup("quota", help="Manage quotas of users and of root namespaces.")
 
 
 def _user(username):
@@ -191,6 +194,109 @@ def add_collaborator(ref, username):
     click.echo(f"{username} collaborates on {ns.root.path}@{parsed.owner}")
 
 
+def _quota_target(text):
+    """The User, or the root Namespace, that USERNAME or PATH@OWNER names."""
+    if "@" not in text and "/" not in text:
+        return _user(text)
+    ref = _ref(text)
+    if ref.owner is None:
+        raise click.BadParameter("name the owner: PATH@OWNER", param_hint="TARGET")
+    ns = find_namespace(_user(ref.owner), ref.path)
+    if ns is None:
+        raise click.ClickException(f"no namespace {text!r}")
+    if ns.parent_id is not None:
+        raise click.ClickException(
+            f"{text} is not a root: a namespace quota is kept on its root, and counts all "
+            f"below it: use {ns.root.path}@{ref.owner}")
+    return ns
+
+
+# The largest limit a BIGINT column holds.
+MAX_LIMIT = (1 << 63) - 1
+
+
+def _image_count(text):
+    """A whole number of images, or a ValueError saying what was wrong."""
+    if not text.strip().isdigit():
+        raise ValueError(f"not a number of images: {text!r} (use a whole number, like 100)")
+    return int(text)
+
+
+def _limit(text, parse, hint):
+    """The limit an option gives: None for 'none' (no limit), else parse(text) in range."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = parse(text)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint=hint) from None
+    if value > MAX_LIMIT:
+        raise click.BadParameter(f"at most {MAX_LIMIT}", param_hint=hint)
+    return value
+
+
+def _human(size):
+    """size in bytes the short way, as --bytes takes it: 50G, 1.5T, 197632."""
+    for suffix, unit in (("P", 1 << 50), ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20),
+                         ("K", 1 << 10)):
+        if size >= unit:
+            return f"{size / unit:.1f}".removesuffix(".0") + suffix
+    return str(size)
+
+
+def _show_quota(target):
+    """Print target's limits, if it has a quota, and its use (what uploads count)."""
+    quota = quotas.quota_for(target)
+    label = quotas.target_label(target)
+    click.echo(f"quota of {label}" if quota else f"quota of {label}: none set")
+    quota = quota or quotas.new_quota(target)
+    use = quotas.usage(quota)
+    bytes_limit = "no limit" if quota.max_bytes is None else \
+        f"limit {quota.max_bytes} ({_human(quota.max_bytes)})"
+    images_limit = "no limit" if quota.max_images is None else f"limit {quota.max_images}"
+    click.echo(f"bytes: {use.bytes} used ({_human(use.bytes)}), {bytes_limit}")
+    click.echo(f"images: {use.images} used, {images_limit}")
+
+
+@quota_cli.command("set")
+@click.argument("target")
+@click.option("--bytes", "max_bytes", help="most bytes stored, e.g. 50G; none lifts it")
+@click.option("--images", "max_images", help="most images, e.g. 100; none lifts it")
+def set_quota(target, max_bytes, max_images):
+    """Limit the bytes and/or images of USERNAME, or of the root namespace PATH@OWNER and
+    all below it; a limit not given stays as it was. Print the quota and its use."""
+    limits = {}
+    if max_bytes is not None:
+        limits["max_bytes"] = _limit(max_bytes, parse_size, "--bytes")
+    if max_images is not None:
+        limits["max_images"] = _limit(max_images, _image_count, "--images")
+    if not limits:
+        raise click.UsageError("give --bytes, --images or both")
+    with write_transaction():
+        found = _quota_target(target)
+        quotas.set_quota(found, **limits)
+    _show_quota(found)
+
+
+@quota_cli.command("show")
+@click.argument("target")
+def show_quota(target):
+    """Print the limits of USERNAME's or PATH@OWNER's quota and their use."""
+    _show_quota(_quota_target(target))
+
+
+@quota_cli.command("clear")
+@click.argument("target")
+def clear_quota(target):
+    """Remove the quota of USERNAME or PATH@OWNER: no limits any more."""
+    found = _quota_target(target)
+    quota = quotas.quota_for(found)
+    if quota is None:
+        raise click.ClickException(f"{quotas.target_label(found)} has no quota")
+    quota.delete_instance()
+    click.echo(f"cleared the quota of {quotas.target_label(found)}")
+
+
 @click.command("init-db")
 @with_appcontext
 def init_db():
@@ -218,5 +324,5 @@ def sweep(min_age):
 
 def register_cli(app):
     """Attach the admin commands to the app's `flask` CLI."""
-    for command in (user_cli, token_cli, namespace_cli, init_db, sweep):
+    for command in (user_cli, token_cli, namespace_cli, quota_cli, init_db, sweep):
         app.cli.add_command(command)

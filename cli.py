@@ -184,30 +184,31 @@ def set_visibility(ref, visibility):
 @click.argument("username")
 def add_collaborator(ref, username):
     """Let USERNAME read and write in the root of PATH@OWNER and all below it."""
-    parsed = _ref(ref)
+    ns = _named_namespace(ref)
+    Collaborator.get_or_create(namespace=ns.root_id, user=_user(username))
+    click.echo(f"{username} collaborates on {ns.root.path}@{ns.user.username}")
+
+
+def _named_namespace(text, hint="REF"):
+    """The namespace that PATH@OWNER names; the owner must be named, and it must exist."""
+    parsed = _ref(text)
     if parsed.owner is None:
-        raise click.BadParameter("name the owner: PATH@OWNER", param_hint="REF")
+        raise click.BadParameter("name the owner: PATH@OWNER", param_hint=hint)
     ns = find_namespace(_user(parsed.owner), parsed.path)
     if ns is None:
-        raise click.ClickException(f"no namespace {ref!r}")
-    Collaborator.get_or_create(namespace=ns.root_id, user=_user(username))
-    click.echo(f"{username} collaborates on {ns.root.path}@{parsed.owner}")
+        raise click.ClickException(f"no namespace {text!r}")
+    return ns
 
 
 def _quota_target(text):
     """The User, or the root Namespace, that USERNAME or PATH@OWNER names."""
     if "@" not in text and "/" not in text:
         return _user(text)
-    ref = _ref(text)
-    if ref.owner is None:
-        raise click.BadParameter("name the owner: PATH@OWNER", param_hint="TARGET")
-    ns = find_namespace(_user(ref.owner), ref.path)
-    if ns is None:
-        raise click.ClickException(f"no namespace {text!r}")
+    ns = _named_namespace(text, "TARGET")
     if ns.parent_id is not None:
         raise click.ClickException(
             f"{text} is not a root: a namespace quota is kept on its root, and counts all "
-            f"below it: use {ns.root.path}@{ref.owner}")
+            f"below it: use {ns.root.path}@{ns.user.username}")
     return ns
 
 

@@ -99,12 +99,22 @@ def check_quotas(quotas, length, except_image=None):
             raise exceeded(quota, "bytes", quota.max_bytes, use.bytes, length)
 
 
+class QuotaExceeded(ApiError):
+    """The 403 of a quota, told apart from a missing scope's (for metrics and the audit log):
+    label names the quota, unit is "bytes" or "images"."""
+
+    def __init__(self, message, label, unit):
+        super().__init__(403, message)
+        self.label, self.unit = label, unit
+
+
 def exceeded(quota, unit, limit, used, length=None):
     """The 403 naming the quota, its limit and its use (and the image's bytes, if known)."""
-    message = f"Quota exceeded: {quota_label(quota)} may keep {limit} {unit}; {used} are used"
+    label = quota_label(quota)
+    message = f"Quota exceeded: {label} may keep {limit} {unit}; {used} are used"
     if length is not None:
         message += f", and this image is {length} bytes"
-    return ApiError(403, message)
+    return QuotaExceeded(message, label, unit)
 
 
 def plan_root_id(plan):

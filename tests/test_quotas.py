@@ -12,10 +12,9 @@ import pytest
 from conftest import read_answer, server_with_account
 from test_races import race, stored_files
 
-from errors import ApiError
 from models import Image, Namespace, PostgresqlDatabase, Quota, db, write_transaction
 from namespaces import ensure_namespace
-from quotas import check_quota_at_record
+from quotas import QuotaExceeded, check_quota_at_record
 
 
 def quota(runner, *args):
@@ -222,8 +221,10 @@ def test_an_import_given_its_file_is_checked_without_counting_itself_twice(alice
     set_quota(runner, "alice", images=1, bytes=1000)
     with write_transaction():
         check_quota_at_record(alice.user, None, 1000, except_image=pending.id)
-        with pytest.raises(ApiError) as refused:
+        with pytest.raises(QuotaExceeded) as refused:
             check_quota_at_record(alice.user, None, 1001, except_image=pending.id)
+    assert (refused.value.status, refused.value.label, refused.value.unit) == (
+        403, "user alice", "bytes")
     assert refused.value.message == ("Quota exceeded: user alice may keep 1000 bytes; 0 are "
                                      "used, and this image is 1001 bytes")
 
@@ -270,7 +271,7 @@ def test_on_postgresql_a_record_time_check_waits_for_the_one_holding_the_quota(a
                 with write_transaction():
                     check_quota_at_record(alice.user, None, 10)
                 outcome["result"] = "passed"
-            except ApiError as error:
+            except QuotaExceeded as error:
                 outcome["result"] = error.message
             second_done.set()
 

@@ -111,7 +111,8 @@ class QuotaExceeded(ApiError):
 def exceeded(quota, unit, limit, used, length=None):
     """The 403 naming the quota, its limit and its use (and the image's bytes, if known)."""
     label = quota_label(quota)
-    message = f"Quota exceeded: {label} may keep {limit} {unit}; {used} are used"
+    noun = unit if limit != 1 else unit.removesuffix("s")  # "1 image", "0 images"
+    message = f"Quota exceeded: {label} may keep {limit} {noun}; {used} in use"
     if length is not None:
         message += f", and this image is {length} bytes"
     return QuotaExceeded(message, label, unit)

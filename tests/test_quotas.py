@@ -134,7 +134,7 @@ def test_an_upload_past_the_byte_quota_is_refused_before_its_body_is_read(
                            content_length=size)
     assert response.status_code == 403
     assert response.json == {"message": f"Quota exceeded: user alice may keep {2 * size} "
-                                        f"bytes; {2 * size} are used, and this image is "
+                                        f"bytes; {2 * size} in use, and this image is "
                                         f"{size} bytes"}
     assert body.tell() == 0, "the body was read"
     assert (store_files(), Image.select().count()) == (before, 2)
@@ -146,7 +146,7 @@ def test_an_upload_past_the_image_quota_is_refused(runner, alice, upload, store_
     before = store_files()
     response = upload(alice, "two", namespace="new")
     assert (response.status_code, response.json) == (403, {
-        "message": "Quota exceeded: user alice may keep 1 images; 1 are used"})
+        "message": "Quota exceeded: user alice may keep 1 image; 1 in use"})
     assert (store_files(), Image.select().count(), Namespace.select().count()) == (before, 1, 0)
 
 
@@ -161,8 +161,8 @@ def test_a_chunked_upload_is_refused_when_recorded_and_leaves_nothing(
     response = post_chunked(client, alice, io.BytesIO(qcow2_bytes), name="two",
                             namespace="new/sub")
     assert (response.status_code, response.json) == (403, {
-        "message": f"Quota exceeded: user alice may keep {2 * size - 1} bytes; {size} are "
-                   f"used, and this image is {size} bytes"})
+        "message": f"Quota exceeded: user alice may keep {2 * size - 1} bytes; {size} in "
+                   f"use, and this image is {size} bytes"})
     assert (store_files(), Image.select().count(), Namespace.select().count()) == (before, 1, 0)
 
 
@@ -174,7 +174,7 @@ def test_a_chunked_upload_to_a_full_quota_is_refused_before_its_body(
     body = io.BytesIO(qcow2_bytes)
     response = post_chunked(client, alice, body, name="two")
     assert response.status_code == 403
-    assert response.json["message"].endswith(f"; {len(qcow2_bytes)} are used")
+    assert response.json["message"].endswith(f"; {len(qcow2_bytes)} in use")
     assert body.tell() == 0
 
 
@@ -185,7 +185,7 @@ def test_a_namespace_quota_counts_its_children(runner, alice, upload):
     assert upload(alice, "b", namespace="team/dev").status_code == 201
     refused = upload(alice, "c", namespace="team/dev/new")
     assert (refused.status_code, refused.json) == (403, {
-        "message": "Quota exceeded: namespace team@alice may keep 2 images; 2 are used"})
+        "message": "Quota exceeded: namespace team@alice may keep 2 images; 2 in use"})
     assert upload(alice, "d", namespace="other").status_code == 201
     assert upload(alice, "e").status_code == 201
     assert sorted(ns.path for ns in Namespace.select()) == ["other", "team", "team/dev"]
@@ -201,10 +201,10 @@ def test_an_image_in_a_namespace_counts_for_its_owner_not_its_author(
     set_quota(runner, "bob", images=0)
     assert upload(bob, "from-bob", namespace="team@alice").status_code == 201
     refused = upload(bob, "again", namespace="team@alice")
-    assert refused.json == {"message": "Quota exceeded: user alice may keep 1 images; "
-                                       "1 are used"}
+    assert refused.json == {"message": "Quota exceeded: user alice may keep 1 image; "
+                                       "1 in use"}
     assert upload(bob, "own").json == {"message": "Quota exceeded: user bob may keep 0 images; "
-                                                  "0 are used"}
+                                                  "0 in use"}
 
 
 def test_an_import_in_progress_counts_as_an_image_without_bytes(runner, alice, upload):
@@ -212,7 +212,7 @@ def test_an_import_in_progress_counts_as_an_image_without_bytes(runner, alice, u
     assert set_quota(runner, "alice", images=1, bytes="1M").splitlines()[1:] == [
         "bytes: 0 used (0), limit 1048576 (1M)", "images: 1 used, limit 1"]
     assert upload(alice, "now").json == {
-        "message": "Quota exceeded: user alice may keep 1 images; 1 are used"}
+        "message": "Quota exceeded: user alice may keep 1 image; 1 in use"}
 
 
 def test_an_import_given_its_file_is_checked_without_counting_itself_twice(alice, runner):
@@ -225,8 +225,8 @@ def test_an_import_given_its_file_is_checked_without_counting_itself_twice(alice
             check_quota_at_record(alice.user, None, 1001, except_image=pending.id)
     assert (refused.value.status, refused.value.label, refused.value.unit) == (
         403, "user alice", "bytes")
-    assert refused.value.message == ("Quota exceeded: user alice may keep 1000 bytes; 0 are "
-                                     "used, and this image is 1001 bytes")
+    assert refused.value.message == ("Quota exceeded: user alice may keep 1000 bytes; 0 in "
+                                     "use, and this image is 1001 bytes")
 
 
 # --- races -------------------------------------------------------------------------------
@@ -286,7 +286,7 @@ def test_on_postgresql_a_record_time_check_waits_for_the_one_holding_the_quota(a
     for thread in threads:
         thread.join(60)
     assert blocked, f"the second check did not wait: {outcome['result']}"
-    assert outcome["result"] == "Quota exceeded: user alice may keep 1 images; 1 are used"
+    assert outcome["result"] == "Quota exceeded: user alice may keep 1 image; 1 in use"
 
 
 def waits_for_a_lock(pid):
@@ -311,6 +311,6 @@ def test_a_real_server_refuses_from_the_head_alone(tmp_path):
                          f"Content-Length: {2 << 20}\r\n\r\n".encode())
             status, head, body = read_answer(sock)
     assert (status, json.loads(body)) == (403, {
-        "message": "Quota exceeded: user carol may keep 1048576 bytes; 0 are used, and this "
+        "message": "Quota exceeded: user carol may keep 1048576 bytes; 0 in use, and this "
                    "image is 2097152 bytes"})
     assert b"\r\nconnection: close\r\n" in head.lower() + b"\r\n"

@@ -33,12 +33,14 @@ from errors import ApiError, ValidationError, disk_full, not_found
 from links import link_matches, parse_expires_in, qemu_fields, read_link, sign_link
 from models import db
 from qcow2 import HEADER_READ_SIZE, ImageRefused, check_header_start, inspect_qcow2
+from quotas import check_quota_early
 from refusals import refusal_rule
 from representations import image_json, images_json, last_modified, rfc3339
 from uploads import (
     body_stream,
     check_upload_headers,
     close_connection_on_error,
+    declared_length,
     receive_body,
     watch_body,
 )
@@ -196,6 +198,7 @@ def create_image():
     check_room_for_upload(storage(), config["MIN_FREE_SPACE"], request.content_length)
     plan = image_changes.plan_upload(g.user, request.args.get("name"),
                                      request.args.get("namespace"))
+    check_quota_early(plan, declared_length(request))
     expected = expected_sha256(request.headers.get("Repr-Digest"), request.args.get("sha256"))
     with storage().staging() as staged, watch_body(request, config["BODY_READ_TIMEOUT"]) as watch:
         stream, length = body_stream(request)

@@ -1,4 +1,5 @@
-"""Admin commands: `flask --app app user|token|namespace|webhook|job ...`, init-db and sweep."""
+"""Admin commands: `flask --app app user|token|namespace|webhook|job|quota ...`, init-db,
+sweep."""
 
 from datetime import UTC, datetime
 
@@ -8,8 +9,10 @@ from flask.cli import AppGroup, with_appcontext
 from peewee import IntegrityError, fn
 
 import jobs
+import quotas
 import webhooks
 from auth import issue_token, parse_scopes
+from config import parse_size
 from errors import ValidationError
 from models import (
     VISIBILITIES,
@@ -33,6 +36,7 @@ token_cli = AppGroup("token", help="Manage API tokens.")
 namespace_cli = AppGroup("namespace", help="Manage namespaces.")
 webhook_cli = AppGroup("webhook", help="Manage the webhooks of namespaces.")
 job_cli = AppGroup("job", help="See and run background jobs.")
+quota_cli = AppGroup("quota", help="Manage quotas of users and of root namespaces.")
 
 
 def _user(username):
@@ -191,14 +195,118 @@ def set_visibility(ref, visibility):
 @click.argument("username")
 def add_collaborator(ref, username):
     """Let USERNAME read and write in the root of PATH@OWNER and all below it."""
-    parsed = _ref(ref)
+    ns = _named_namespace(ref)
+    Collaborator.get_or_create(namespace=ns.root_id, user=_user(username))
+    click.echo(f"{username} collaborates on {ns.root.path}@{ns.user.username}")
+
+
+def _named_namespace(text, hint="REF"):
+    """The namespace that PATH@OWNER names; the owner must be named, and it must exist."""
+    parsed = _ref(text)
     if parsed.owner is None:
-        raise click.BadParameter("name the owner: PATH@OWNER", param_hint="REF")
+        raise click.BadParameter("name the owner: PATH@OWNER", param_hint=hint)
     ns = find_namespace(_user(parsed.owner), parsed.path)
     if ns is None:
-        raise click.ClickException(f"no namespace {ref!r}")
-    Collaborator.get_or_create(namespace=ns.root_id, user=_user(username))
-    click.echo(f"{username} collaborates on {ns.root.path}@{parsed.owner}")
+        raise click.ClickException(f"no namespace {text!r}")
+    return ns
+
+
+def _quota_target(text):
+    """The User, or the root Namespace, that USERNAME or PATH@OWNER names."""
+    if "@" not in text and "/" not in text:
+        return _user(text)
+    ns = _named_namespace(text, "TARGET")
+    if ns.parent_id is not None:
+        raise click.ClickException(
+            f"{text} is not a root: a namespace quota is kept on its root, and counts all "
+            f"below it: use {ns.root.path}@{ns.user.username}")
+    return ns
+
+
+# The largest limit a BIGINT column holds.
+MAX_LIMIT = (1 << 63) - 1
+
+
+def _image_count(text):
+    """A whole number of images, or a ValueError saying what was wrong."""
+    if not text.strip().isdigit():
+        raise ValueError(f"not a number of images: {text!r} (use a whole number, like 100)")
+    return int(text)
+
+
+def _limit(text, parse, hint):
+    """The limit an option gives: None for 'none' (no limit), else parse(text) in range."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = parse(text)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint=hint) from None
+    if value > MAX_LIMIT:
+        raise click.BadParameter(f"at most {MAX_LIMIT}", param_hint=hint)
+    return value
+
+
+def _human(size):
+    """size in bytes the short way, as --bytes takes it: 50G, 1.5T, 197632."""
+    for suffix, unit in (("P", 1 << 50), ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20),
+                         ("K", 1 << 10)):
+        if size >= unit:
+            return f"{size / unit:.1f}".removesuffix(".0") + suffix
+    return str(size)
+
+
+def _show_quota(target):
+    """Print target's limits, if it has a quota, and its use (what uploads count)."""
+    quota = quotas.quota_for(target)
+    label = quotas.target_label(target)
+    click.echo(f"quota of {label}" if quota else f"quota of {label}: none set")
+    quota = quota or quotas.new_quota(target)
+    use = quotas.usage(quota)
+    bytes_limit = "no limit" if quota.max_bytes is None else \
+        f"limit {quota.max_bytes} ({_human(quota.max_bytes)})"
+    images_limit = "no limit" if quota.max_images is None else f"limit {quota.max_images}"
+    click.echo(f"bytes: {use.bytes} used ({_human(use.bytes)}), {bytes_limit}")
+    click.echo(f"images: {use.images} used, {images_limit}")
+
+
+@quota_cli.command("set")
+@click.argument("target")
+@click.option("--bytes", "max_bytes", help="most bytes stored, e.g. 50G; none lifts it")
+@click.option("--images", "max_images", help="most images, e.g. 100; none lifts it")
+def set_quota(target, max_bytes, max_images):
+    """Limit the bytes and/or images of USERNAME, or of the root namespace PATH@OWNER and
+    all below it; a limit not given stays as it was. Print the quota and its use."""
+    limits = {}
+    if max_bytes is not None:
+        limits["max_bytes"] = _limit(max_bytes, parse_size, "--bytes")
+    if max_images is not None:
+        limits["max_images"] = _limit(max_images, _image_count, "--images")
+    if not limits:
+        raise click.UsageError("give --bytes, --images or both")
+    with write_transaction():
+        found = _quota_target(target)
+        quotas.set_quota(found, **limits)
+    _show_quota(found)
+
+
+@quota_cli.command("show")
+@click.argument("target")
+def show_quota(target):
+    """Print the limits of USERNAME's or PATH@OWNER's quota and their use."""
+    _show_quota(_quota_target(target))
+
+
+@quota_cli.command("clear")
+@click.argument("target")
+def clear_quota(target):
+    """Remove the quota of USERNAME or PATH@OWNER: no limits any more."""
+    found = _quota_target(target)
+    quota = quotas.quota_for(found)
+    if quota is None:
+        raise click.ClickException(f"{quotas.target_label(found)} has no quota")
+    quota.delete_instance()
+    click.echo(f"cleared the quota of {quotas.target_label(found)}")
 
 
 def _owned_namespace(ref):
@@ -308,5 +416,6 @@ def sweep(min_age):
 
 def register_cli(app):
     """Attach the admin commands to the app's `flask` CLI."""
-    for command in (user_cli, token_cli, namespace_cli, webhook_cli, job_cli, init_db, sweep):
+    for command in (user_cli, token_cli, namespace_cli, webhook_cli, job_cli, quota_cli, init_db,
+                    sweep):
         app.cli.add_command(command)

@@ -16,6 +16,7 @@ from errors import ValidationError
 from models import Image, Namespace, User, write_transaction
 from namespaces import NamespaceRef, ensure_namespace, parse_namespace_ref, resolve_upload_target
 from queries import find_image
+from quotas import check_quota_at_record
 from storage import StorageUnavailable
 from webhooks import emit
 
@@ -110,6 +111,8 @@ def record_image(plan, columns, then=None, base_url=None):
             namespace = plan.namespace
             if plan.ref and namespace is None:
                 namespace = ensure_namespace(plan.owner, plan.ref.segments)
+            # In this transaction, so that two racing uploads cannot both pass a quota.
+            check_quota_at_record(plan.owner, namespace, columns.get("size"))
             image = Image.create(author=plan.author, user=plan.owner, namespace=namespace,
                                  name=plan.name, **columns)
             if then is not None:

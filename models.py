@@ -229,8 +229,24 @@ class ImageStats(BaseModel):
     bytes = BigIntegerField(default=0)
 
 
+class Quota(BaseModel):
+    """Limits on the images of one user, or of one root namespace and all below it (kept on
+    the root); a NULL limit is none. quotas.py counts the use against them."""
+
+    user = ForeignKeyField(User, null=True, unique=True, on_delete="CASCADE")
+    namespace = ForeignKeyField(Namespace, null=True, unique=True, on_delete="CASCADE")
+    max_bytes = BigIntegerField(null=True)
+    max_images = BigIntegerField(null=True)
+    created_at = DateTimeField(default=utcnow)
+
+
+# What a quota counts, read without the table (quotas.py): SUM(size) and COUNT(*) of one
+# owner's, or one namespace's, images from the index alone.
+Image.add_index(Image.index(Image.user, Image.size))
+Image.add_index(Image.index(Image.namespace, Image.size))
+
 MODELS = (User, Token, Namespace, Collaborator, Image, Upload, Webhook, WebhookDelivery, Job,
-          ImageStats)
+          ImageStats, Quota)
 
 
 # Any number that all instances share: the key of the advisory lock taken while
@@ -478,3 +494,12 @@ def _rebuild_image_table(columns):
 
 def _largest_id():
     return Image.select(peewee.fn.MAX(Image.id)).scalar() or 0
+
+
+def locking(query):
+    """query, made to lock the rows it selects until the transaction ends: SELECT … FOR
+    UPDATE on PostgreSQL. SQLite has no row locks and needs none: a write_transaction holds
+    the whole database's write lock from its start."""
+    if isinstance(db.obj, SqliteDatabase):
+        return query
+    return query.for_update()

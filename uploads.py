@@ -68,6 +68,12 @@ def too_large(max_size):
     return ApiError(413, f"Image larger than the limit of {max_size} bytes")
 
 
+def declared_length(request):
+    """The image's length as the headers tell it, before any body byte is read: a raw
+    body's Content-Length; None when chunked, or for a form (its length counts the form)."""
+    return None if request.mimetype == "multipart/form-data" else request.content_length
+
+
 def body_stream(request):
     """The image's bytes and how many there must be: the raw body and its Content-Length
     (None when chunked), or the `file` field of a multipart form (length unknown)."""

@@ -191,31 +191,44 @@ def create_image():
     is an import from its download_url instead."""
     if request.is_json:
         return import_image()
+    close_connection_on_error()  # the rest of a refused body is never read
+    plan = plan_body_upload(g.user, request.args.get("name"), request.args.get("namespace"))
+    expected = expected_sha256(request.headers.get("Repr-Digest"), request.args.get("sha256"))
+    image = receive_image(plan, expected)
+    body = image_json(image, base_url())
+    uploaded(image)
+    return jsonify(body), 201, {"Location": body["url"]}
+
+
+def plan_body_upload(user, name, namespace):
+    """The checks of an upload before its body is read: length and type, free space, name
+    and namespace (an UploadPlan), quotas. POST /images and the web UI's form share them."""
+    config = current_app.config
+    check_upload_headers(request, config["MAX_IMAGE_SIZE"])
+    check_room_for_upload(storage(), config["MIN_FREE_SPACE"], request.content_length)
+    plan = image_changes.plan_upload(user, name, namespace)
+    check_quota_early(plan, declared_length(request))
+    return plan
+
+
+def receive_image(plan, expected_sha256=None):
+    """The request's body (or its form's `file`) streamed to staging, its header vetted as
+    soon as its bytes are in (the rest unread if refused), its sha256 compared with the one
+    expected, qemu-img's checks, then file and row together: the stored image."""
     config = current_app.config
     max_size, max_virtual = config["MAX_IMAGE_SIZE"], config["MAX_VIRTUAL_SIZE"]
-    close_connection_on_error()  # the rest of a refused body is never read
-    check_upload_headers(request, max_size)
-    check_room_for_upload(storage(), config["MIN_FREE_SPACE"], request.content_length)
-    plan = image_changes.plan_upload(g.user, request.args.get("name"),
-                                     request.args.get("namespace"))
-    check_quota_early(plan, declared_length(request))
-    expected = expected_sha256(request.headers.get("Repr-Digest"), request.args.get("sha256"))
     with storage().staging() as staged, watch_body(request, config["BODY_READ_TIMEOUT"]) as watch:
         stream, length = body_stream(request)
-        # The header is vetted as soon as its bytes are in, the rest of the body unread.
         check_start = partial(check_header_start, file_size=length, max_virtual_size=max_virtual)
         try:
             size, sha256 = receive_body(stream, staged.file, max_size, length, watch,
                                         check_start, HEADER_READ_SIZE)
-            check_sha256(expected, sha256)  # before qemu-img: a wrong file is refused cheaply
+            check_sha256(expected_sha256, sha256)  # before qemu-img: a wrong file costs less
             info = inspect_qcow2(staged.path, max_virtual, config["QEMU_IMG_SLOTS"])
         except ImageRefused as refusal:
             raise ValidationError("file", refusal_message(refusal)) from None
-        image = image_changes.create_image(plan, storage(), staged, size, sha256, info,
-                                           base_url=base_url())
-    body = image_json(image, base_url())
-    uploaded(image)
-    return jsonify(body), 201, {"Location": body["url"]}
+        return image_changes.create_image(plan, storage(), staged, size, sha256, info,
+                                          base_url=base_url())
 
 
 def import_image():

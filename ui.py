@@ -30,14 +30,12 @@ from werkzeug.exceptions import HTTPException, NotFound
 import image_changes
 import queries
 from access import public_image, readable_image, writable_image
+from api import plan_body_upload, receive_image, uploaded
 from auth import authenticate, parse_scopes
-from diskspace import check_room_for_upload
 from errors import DISK_FULL, ApiError, ValidationError, disk_full, storage_unavailable_message
 from links import parse_expires_in, qemu_fields, sign_link
-from qcow2 import HEADER_READ_SIZE, ImageRefused, check_header_start, inspect_qcow2
 from representations import image_json, images_json, rfc3339
 from storage import StorageUnavailable
-from uploads import body_stream, check_upload_headers, receive_body
 from urls import base_url
 
 bp = Blueprint("ui", __name__, template_folder="templates", static_folder="static",
@@ -385,28 +383,16 @@ def upload():
 
 
 def store_upload(user, name, namespace):
-    """The `file` field of this multipart request checked and stored as POST /images
-    checks and stores a body: limits, name and namespace, the header as soon as it is
-    in, qemu-img, then file and row together (image_changes)."""
-    config, store = current_app.config, current_app.extensions["storage"]
-    max_size, max_virtual = config["MAX_IMAGE_SIZE"], config["MAX_VIRTUAL_SIZE"]
-    check_upload_headers(request, max_size)
-    check_room_for_upload(store, config["MIN_FREE_SPACE"], request.content_length)
-    plan = image_changes.plan_upload(user, name, namespace)
+    """The `file` field of this multipart request checked and stored exactly as POST /images
+    checks and stores a body (api.plan_body_upload, api.receive_image), counted and audited
+    as an upload."""
+    plan = plan_body_upload(user, name, namespace)
     upload = request.files.get("file")
     if upload is None or not upload.filename:
         raise ValidationError("file", "Choose a QCOW2 image file to upload")
-    with store.staging() as staged:
-        stream, length = body_stream(request)
-        check_start = partial(check_header_start, file_size=length, max_virtual_size=max_virtual)
-        try:
-            size, sha256 = receive_body(stream, staged.file, max_size, length, None,
-                                        check_start, HEADER_READ_SIZE)
-            info = inspect_qcow2(staged.path, max_virtual, config["QEMU_IMG_SLOTS"])
-        except ImageRefused as refusal:
-            raise ValidationError("file", str(refusal)) from None
-        return image_changes.create_image(plan, store, staged, size, sha256, info,
-                                           base_url=base_url())
+    image = receive_image(plan)
+    uploaded(image)
+    return image
 
 
 # --- errors ----------------------------------------------------------------------------

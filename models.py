@@ -277,7 +277,8 @@ def unsynced_write():
     """A write transaction whose commit does not wait for the disk, for a write that a
     crash may lose without harm (a tus upload's offset: lost, the client sends that piece
     again). Each piece's commit waited for the disk to take the piece's bytes (ext4 orders
-    a commit after the data written before it): 100 ms a piece on a busy machine.
+    a commit after the data written before it): 100 ms a piece on a busy machine
+    (docs/platform.md).
 
     SQLite: no checkpoint after the commit (its pages go into the database file with the
     next other write's), where every other commit has one (SQLITE_PRAGMAS); PostgreSQL:

@@ -108,7 +108,8 @@ def receive_piece(upload_id):
     with watch_body(request, config["BODY_READ_TIMEOUT"]) as watch:
         stream, length = body_stream(request)
         progress = tusuploads.receive_piece(g.user, upload_id, offset, checksum,
-                                            Body(stream, length, watch), storage(), limits())
+                                            Body(stream, length, watch), storage(), limits(),
+                                            base_url())
     headers = {"Upload-Offset": str(progress.upload.offset),
                "Upload-Expires": http_date(progress.upload.expires_at)}
     if progress.image is not None:

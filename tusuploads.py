@@ -219,9 +219,10 @@ def sweep_expired(storage):
 # ------------------------------------------------------------------ pieces
 
 
-def receive_piece(user, upload_id, offset, checksum, body, storage, limits):
+def receive_piece(user, upload_id, offset, checksum, body, storage, limits, base_url=None):
     """PATCH /uploads/:id: receive the piece at offset (409 if the upload is elsewhere or
-    another request writes it), keep it, and finish the upload when it is the last."""
+    another request writes it), keep it, and finish the upload when it is the last
+    (base_url: that of the image's `url` in its `created` webhook event)."""
     find_upload(user, upload_id)  # 404 and 410 before any lock
     try:
         with upload_lock(upload_id):
@@ -229,7 +230,7 @@ def receive_piece(user, upload_id, offset, checksum, body, storage, limits):
             _check_piece(upload, offset, body.length)
             if upload.offset == upload.length:  # done: a lost answer asked for again
                 return Progress(upload, upload.image)
-            return _write_piece(user, upload, checksum, body, storage, limits)
+            return _write_piece(user, upload, checksum, body, storage, limits, base_url)
     except UploadBusy:
         raise ApiError(409, "Conflict: another request is sending a piece of this upload; "
                             "HEAD it for its offset and go on from there") from None
@@ -256,7 +257,7 @@ def past_length(upload):
                          " bytes remain")
 
 
-def _write_piece(user, upload, checksum, body, storage, limits):
+def _write_piece(user, upload, checksum, body, storage, limits, base_url):
     """Receive a piece into the store, check its Upload-Checksum (460: not kept), record
     it; the last one finishes the upload."""
     digests = PieceDigests(upload, checksum)
@@ -266,7 +267,7 @@ def _write_piece(user, upload, checksum, body, storage, limits):
         complete = upload.offset + size == upload.length
         state = piece.keep(size, complete)
     if complete:
-        image = _finish(user, upload, state, digests, storage, limits)
+        image = _finish(user, upload, state, digests, storage, limits, base_url)
         return Progress(Upload.get_by_id(upload.id), image)
     return Progress(_advance(upload, size, state, digests, storage))
 
@@ -325,7 +326,7 @@ def _advance(upload, size, state, digests, storage):
 # ------------------------------------------------------------------ the end
 
 
-def _finish(user, upload, state, digests, storage, limits):
+def _finish(user, upload, state, digests, storage, limits, base_url):
     """Check and store the whole file as POST /images does; a refusal ends the upload."""
     try:
         with storage.complete_upload(upload.id, state) as finished:
@@ -336,7 +337,7 @@ def _finish(user, upload, state, digests, storage, limits):
             info = inspect_qcow2(finished.path, limits.max_virtual_size, limits.qemu_img_slots)
             plan = plan_upload(user, upload.name, upload.namespace)
             return create_image(plan, storage, finished, upload.length, sha256, info,
-                                put=lambda staged: staged.store(),
+                                base_url=base_url, put=lambda staged: staged.store(),
                                 record=lambda image: _mark_done(upload, image))
     except ImageRefused as refusal:
         discard(upload, storage)

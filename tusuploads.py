@@ -24,8 +24,9 @@ from datetime import timedelta
 from digests import MISMATCH, parse_sha256_hex
 from errors import ApiError, ValidationError, not_found
 from image_changes import create_image, plan_upload
-from models import Image, Upload, unsynced_write, utcnow
+from models import Image, Upload, unsynced_write, utcnow, write_transaction
 from qcow2 import HEADER_READ_SIZE, ImageRefused, check_header_start, inspect_qcow2
+from quotas import QuotaExceeded, check_quota_at_record, check_quota_early, plan_namespace
 from resumablehash import AVAILABLE, ResumableSha256, file_sha256
 from storage import StorageUnavailable, UploadGone
 from uploadlocks import UploadBusy, forget_lock, upload_lock
@@ -136,26 +137,16 @@ def parse_checksum(text):
 # ------------------------------------------------------------------ creation
 
 
-def check_upload_quota(plan, length):
-    """Where issue 15's quota check hooks in: a tus upload that would pass a quota is
-    refused here, at its creation, with the length it announced (and again when its image
-    is recorded, as for every upload). There are no quotas yet."""
-
-
 def create_upload(user, length, metadata, storage, limits):
-    """Check a new upload as POST /images checks one before its body; make its row and
-    its place in the store."""
+    """Check a new upload as POST /images checks one before its body, its quotas included;
+    make its row and its place in the store."""
     namespace = metadata.get("namespace") or None
     plan = plan_upload(user, metadata.get("name"), namespace)
     sha256 = parse_sha256_hex(metadata["sha256"]) if "sha256" in metadata else None
     if length == 0:  # complete at once, and never a QCOW2 image: refused as an empty body is
         _refuse_empty(limits)
-    check_upload_quota(plan, length)
-    upload = Upload.create(
-        id=secrets.token_hex(16), user=user, name=plan.name, namespace=namespace,
-        length=length, metadata=json.dumps(metadata), sha256=sha256,
-        hash_state=ResumableSha256().state().hex() if AVAILABLE else None,
-        expires_at=utcnow() + timedelta(seconds=limits.expiry))
+    check_quota_early(plan, length)  # before the write lock
+    upload = _reserve(plan, namespace, length, metadata, sha256, limits)
     try:
         state = storage.begin_upload(upload.id, length)
     except BaseException:
@@ -164,6 +155,21 @@ def create_upload(user, length, metadata, storage, limits):
     upload.state = json.dumps(state)
     Upload.update(state=upload.state).where(Upload.id == upload.id).execute()
     return upload
+
+
+def _reserve(plan, namespace, length, metadata, sha256, limits):
+    """The upload's row, written in the transaction that checks its quotas with its length,
+    their rows locked: of two uploads made at once that together pass a quota, one is
+    refused. From then on it counts against them until it ends (quotas.pending_usage)."""
+    tree = plan_namespace(plan)
+    with write_transaction():
+        check_quota_at_record(plan.owner, tree, length)
+        return Upload.create(
+            id=secrets.token_hex(16), user=plan.author, owner=plan.owner,
+            root=tree.root_id if tree is not None else None, name=plan.name,
+            namespace=namespace, length=length, metadata=json.dumps(metadata), sha256=sha256,
+            hash_state=ResumableSha256().state().hex() if AVAILABLE else None,
+            expires_at=utcnow() + timedelta(seconds=limits.expiry))
 
 
 def _refuse_empty(limits):
@@ -327,7 +333,8 @@ def _advance(upload, size, state, digests, storage):
 
 
 def _finish(user, upload, state, digests, storage, limits, base_url):
-    """Check and store the whole file as POST /images does; a refusal ends the upload."""
+    """Check and store the whole file as POST /images does (its quotas too, now with the
+    upload counted by its image alone); a refusal ends the upload."""
     try:
         with storage.complete_upload(upload.id, state) as finished:
             sha256 = digests.hexdigest() or file_sha256(finished.path)
@@ -342,7 +349,7 @@ def _finish(user, upload, state, digests, storage, limits, base_url):
     except ImageRefused as refusal:
         discard(upload, storage)
         raise ValidationError("file", str(refusal)) from None
-    except ValidationError:
+    except (ValidationError, QuotaExceeded):  # it could only be refused again
         discard(upload, storage)
         raise
 

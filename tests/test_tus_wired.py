@@ -4,11 +4,18 @@ counted against them until it ends), and it is counted in /metrics and written t
 log as stored or refused. Flask's test client, on every engine."""
 
 import json
+import threading
 
+import pytest
 import test_webhooks
-from test_tus import upload_in_pieces
+from test_quotas import quota, set_quota
+from test_tus import create, head, path_of, send, upload_in_pieces, uploads_folder
 
 import jobs
+import tusuploads
+from models import Image, Quota, Upload, db, locking, utcnow, write_transaction
+from namespaces import ensure_namespace
+from quotas import check_quota_early
 
 hook, receiver = test_webhooks.hook, test_webhooks.receiver  # their fixtures, here too
 
@@ -27,3 +34,117 @@ def test_a_tus_upload_sends_the_created_event_of_its_image(client, alice, hook, 
     assert sent["signed"]
     image = client.get(last.headers["Image-Location"], headers=alice.headers).get_json()
     assert json.loads(sent["body"]) == {"action": "created", "image": image}
+
+
+# --- quotas ------------------------------------------------------------------------------
+
+
+def test_a_tus_upload_past_the_byte_quota_is_refused_at_its_creation(client, runner, alice):
+    set_quota(runner, "alice", bytes=1000)
+    answer = create(client, alice, 1001)
+    assert (answer.status_code, answer.get_json()) == (403, {
+        "message": "Quota exceeded: user alice may keep 1000 bytes; 0 in use, and this "
+                   "image is 1001 bytes"})
+    assert Upload.select().count() == 0
+    assert create(client, alice, 1000).status_code == 201  # exactly at the limit
+
+
+def test_a_creation_past_the_quota_is_refused_without_waiting_for_the_quotas_lock(
+        app, client, runner, alice):
+    """The early check needs no lock: while another upload's transaction holds the quota
+    (on SQLite, the database's write lock), a creation that cannot fit is refused at once."""
+    set_quota(runner, "alice", bytes=1000)
+    held, release, holder_saw = threading.Event(), threading.Event(), {}
+
+    def hold():
+        with db.connection_context(), write_transaction():
+            list(locking(Quota.select()))
+            held.set()
+            holder_saw["release"] = release.wait(60)  # else it let go for the request
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(30)
+        answer = create(client, alice, 1001)
+    finally:
+        release.set()
+        holder.join(60)
+    assert answer.status_code == 403 and holder_saw["release"], answer.get_json()
+
+
+@pytest.mark.parametrize(("target", "label"), [("alice", "user alice"),
+                                               ("team@alice", "namespace team@alice")])
+def test_an_unfinished_upload_counts_against_a_later_post_images(
+        client, runner, alice, upload, qcow2_bytes, target, label):
+    """From its creation on, until it ends, a tus upload counts as an image of its
+    Upload-Length, for its owner and its root namespace; expired, it counts no more."""
+    size = len(qcow2_bytes)
+    ensure_namespace(alice.user, ("team",))
+    set_quota(runner, target, bytes=size + size // 2)
+    path = path_of(create(client, alice, size, name="coming", namespace="team/dev"))
+    assert send(client, alice, path, 0, qcow2_bytes[:1000]).status_code == 204
+    assert quota(runner, "show", target).output.splitlines()[2] == "images: 1 used, no limit"
+    refused = upload(alice, "now", namespace="team")
+    assert (refused.status_code, refused.get_json()) == (403, {
+        "message": f"Quota exceeded: {label} may keep {size + size // 2} bytes; {size} in "
+                   f"use, and this image is {size} bytes"})
+    Upload.update(expires_at=utcnow()).execute()  # its time has come
+    assert upload(alice, "now", namespace="team").status_code == 201
+
+
+@pytest.mark.parametrize("kind", ["bytes", "images"])
+def test_of_two_racing_creations_that_together_pass_the_quota_one_wins(
+        app, runner, alice, qcow2_bytes, monkeypatch, kind):
+    """Both pass the early check before either writes its row (each waits there for the
+    other); the check in the transaction that writes the row lets one in (SQLite and
+    PostgreSQL, by the app fixture)."""
+    size = len(qcow2_bytes)
+    set_quota(runner, "alice", **{"bytes": size * 3 // 2} if kind == "bytes" else {"images": 1})
+    both_checked = threading.Barrier(2)
+
+    def checked_early(plan, length):
+        check_quota_early(plan, length)
+        both_checked.wait(30)
+
+    monkeypatch.setattr(tusuploads, "check_quota_early", checked_early)
+    answers = [None, None]
+
+    def make(i):
+        answers[i] = create(app.test_client(), alice, size, name=f"racer{i}")
+
+    threads = [threading.Thread(target=make, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(a.status_code for a in answers) == [201, 403], [a.get_json() for a in answers]
+    loser = next(a for a in answers if a.status_code == 403)
+    assert loser.get_json()["message"].startswith("Quota exceeded: user alice may keep")
+    assert Upload.select().count() == 1
+
+
+def test_a_finished_upload_counts_once_by_its_image(client, runner, alice, qcow2_bytes):
+    """At the end the upload is done before the quotas are checked again: what counted as
+    pending counts as the image instead, not both (a quota of exactly the file takes it)."""
+    size = len(qcow2_bytes)
+    set_quota(runner, "alice", bytes=size, images=1)
+    _, last = upload_in_pieces(client, alice, qcow2_bytes, [70_000])
+    assert last.status_code == 204, last.get_json()
+    assert quota(runner, "show", "alice").output.splitlines()[1:] == [
+        f"bytes: {size} used ({size // 1024}K), limit {size} ({size // 1024}K)",
+        "images: 1 used, limit 1"]
+
+
+def test_a_quota_passed_by_the_end_refuses_the_image_and_ends_the_upload(
+        client, runner, alice, app, qcow2_bytes):
+    """A quota lowered while the upload was on its way: the last piece is refused with the
+    403 of the quota, and the upload is gone with its bytes."""
+    path = path_of(create(client, alice, len(qcow2_bytes)))
+    assert send(client, alice, path, 0, qcow2_bytes[:70_000]).status_code == 204
+    set_quota(runner, "alice", images=0)
+    last = send(client, alice, path, 70_000, qcow2_bytes[70_000:])
+    assert (last.status_code, last.get_json()) == (403, {
+        "message": "Quota exceeded: user alice may keep 0 images; 0 in use"})
+    assert head(client, alice, path).status_code == 404
+    assert Image.select().count() == 0 and uploads_folder(app) == []

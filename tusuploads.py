@@ -61,10 +61,22 @@ class Body:
 
 @dataclass(frozen=True)
 class Progress:
-    """Where an upload stands after a request: its row, and its image once done."""
+    """Where an upload stands after a request: its row, and its image once done (stored:
+    by this very request)."""
 
     upload: Upload
     image: Image | None = None
+    stored: bool = False
+
+
+class UploadLost(ApiError):
+    """The 410 of an upload whose bytes the store lost; the upload is removed with them."""
+
+
+# What a piece's request can raise after which its upload is gone, removed by the code that
+# raised it: the file refused (its header, or at the end a rule, the sha256, the name), a
+# quota passed at the end, the bytes lost. Any other error leaves the upload as it was.
+ENDS_UPLOAD = (ValidationError, QuotaExceeded, UploadLost)
 
 
 # ------------------------------------------------------------------ headers
@@ -225,11 +237,12 @@ def sweep_expired(storage):
 # ------------------------------------------------------------------ pieces
 
 
-def receive_piece(user, upload_id, offset, checksum, body, storage, limits, base_url=None):
-    """PATCH /uploads/:id: receive the piece at offset (409 if the upload is elsewhere or
-    another request writes it), keep it, and finish the upload when it is the last
-    (base_url: that of the image's `url` in its `created` webhook event)."""
-    find_upload(user, upload_id)  # 404 and 410 before any lock
+def receive_piece(user, found, offset, checksum, body, storage, limits, base_url=None):
+    """PATCH /uploads/:id of the upload found (by find_upload: 404 and 410 before any lock):
+    receive the piece at offset (409 if the upload is elsewhere or another request writes
+    it), keep it, and finish the upload when it is the last (base_url: that of the image's
+    `url` in its `created` webhook event). ENDS_UPLOAD: the errors that end the upload."""
+    upload_id = found.id
     try:
         with upload_lock(upload_id):
             upload = find_upload(user, upload_id)  # as it is now that nobody else writes
@@ -245,7 +258,7 @@ def receive_piece(user, upload_id, offset, checksum, body, storage, limits, base
         lost = Upload.get_or_none(Upload.id == upload_id)
         if lost is not None:
             discard(lost, storage)
-        raise ApiError(410, "Gone: the upload's bytes were lost; start a new one") from None
+        raise UploadLost(410, "Gone: the upload's bytes were lost; start a new one") from None
 
 
 def _check_piece(upload, offset, length):
@@ -274,7 +287,7 @@ def _write_piece(user, upload, checksum, body, storage, limits, base_url):
         state = piece.keep(size, complete)
     if complete:
         image = _finish(user, upload, state, digests, storage, limits, base_url)
-        return Progress(Upload.get_by_id(upload.id), image)
+        return Progress(Upload.get_by_id(upload.id), image, stored=True)
     return Progress(_advance(upload, size, state, digests, storage))
 
 

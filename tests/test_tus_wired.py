@@ -4,12 +4,18 @@ counted against them until it ends), and it is counted in /metrics and written t
 log as stored or refused. Flask's test client, on every engine."""
 
 import json
+import os
 import threading
+from pathlib import Path
 
 import pytest
+import sample_images
 import test_webhooks
+from conftest import local_store
+from test_audit import lines_of, token_id, without_time
+from test_metrics import RECEIVED, grown, scrape, uploads
 from test_quotas import quota, set_quota
-from test_tus import create, head, path_of, send, upload_in_pieces, uploads_folder
+from test_tus import checksum, create, head, path_of, send, upload_in_pieces, uploads_folder
 
 import jobs
 import tusuploads
@@ -148,3 +154,85 @@ def test_a_quota_passed_by_the_end_refuses_the_image_and_ends_the_upload(
         "message": "Quota exceeded: user alice may keep 0 images; 0 in use"})
     assert head(client, alice, path).status_code == 404
     assert Image.select().count() == 0 and uploads_folder(app) == []
+
+
+# --- metrics and the audit log -----------------------------------------------------------
+
+
+def test_a_tus_upload_is_counted_once_when_it_ends_with_every_byte_received(
+        client, alice, qcow2_bytes, tmp_path):
+    """Stored, or refused at its creation, by its header or at its end: one upload each.
+    A piece refused without ending the upload (a wrong offset, a checksum) counts none, nor
+    does the last answer asked for again; every piece's bytes count as they are read."""
+    hostile = sample_images.with_backing(tmp_path, "/etc/passwd").read_bytes()
+    hostile += bytes(200_000 - len(hostile))
+    refused_at_end = sample_images.zeroed_refcounts(tmp_path).read_bytes()
+    before = scrape(client)
+
+    path, last = upload_in_pieces(client, alice, qcow2_bytes, [70_000])
+    assert last.status_code == 204
+    assert send(client, alice, path, len(qcow2_bytes), b"").status_code == 204  # asked again
+    assert create(client, alice, 1000, name="no spaces").status_code == 400
+    _, last = upload_in_pieces(client, alice, hostile, [], name="hostile")
+    assert last.status_code == 400
+    path = path_of(create(client, alice, len(refused_at_end), name="broken"))
+    assert send(client, alice, path, 0, refused_at_end[:100_000]).status_code == 204
+    assert send(client, alice, path, 0, b"again").status_code == 409
+    assert send(client, alice, path, 100_000, refused_at_end[100_000:],
+                **{"Upload-Checksum": checksum("sha1", b"other bytes")}).status_code == 460
+    assert send(client, alice, path, 100_000, refused_at_end[100_000:]).status_code == 400
+
+    found = grown(before, scrape(client))
+    assert {key: value for key, value in found.items()
+            if key[0] in ("imagestore_uploads_total", RECEIVED[0])} == {
+        uploads("stored"): 1, uploads("name"): 1, uploads("backing_file"): 1,
+        uploads("corrupt"): 1,
+        RECEIVED: len(qcow2_bytes) + 65_536 + len(refused_at_end) + len(refused_at_end) - 100_000,
+    }
+
+
+def test_a_tus_upload_writes_the_audit_lines_of_post_images(make_app, make_account,
+                                                             qcow2_bytes, tmp_path):
+    """`upload` with the image (status 204, the answer to its last piece), or `refuse` with
+    the name and namespace of its metadata and the rule; nothing for a piece that does not
+    end it."""
+    log = tmp_path / "audit.log"
+    client = make_app(AUDIT_LOG=str(log)).test_client()
+    alice = make_account("alice")
+    hostile = sample_images.with_backing(tmp_path, "/etc/passwd").read_bytes()
+    hostile += bytes(200_000 - len(hostile))
+
+    path, last = upload_in_pieces(client, alice, qcow2_bytes, [70_000], name="go-dev",
+                                  namespace="djinn/ci")
+    image = client.get(last.headers["Image-Location"], headers=alice.headers).get_json()
+    assert send(client, alice, path, 0, b"late").status_code == 409
+    assert create(client, alice, 1000, name="no spaces", namespace="djinn").status_code == 400
+    _, refused = upload_in_pieces(client, alice, hostile, [], name="hostile", namespace="djinn")
+    assert refused.status_code == 400
+
+    by_alice = {"user": "alice", "token_id": token_id(alice), "client": "127.0.0.1"}
+    no_image = dict.fromkeys(("image_id", "sha256", "bytes"))
+    assert without_time(lines_of(log)) == [
+        {"action": "upload", **by_alice, "image_id": image["id"], "name": "go-dev",
+         "namespace": "djinn/ci@alice", "sha256": image["sha256"], "bytes": len(qcow2_bytes),
+         "status": 204},
+        {"action": "refuse", **by_alice, **no_image, "name": "no spaces", "namespace": "djinn",
+         "status": 400, "rule": "name"},
+        {"action": "refuse", **by_alice, **no_image, "name": "hostile", "namespace": "djinn",
+         "status": 400, "rule": "backing_file"},
+    ]
+
+
+def test_an_upload_whose_bytes_were_lost_ends_counted(client, alice, app, qcow2_bytes):
+    """The store lost the bytes (a machine that crashed before its cache was written): the
+    next piece is 410, the upload is gone, and it is counted as ended, not stored."""
+    path = path_of(create(client, alice, len(qcow2_bytes)))
+    assert send(client, alice, path, 0, qcow2_bytes[:70_000]).status_code == 204
+    [name] = uploads_folder(app)
+    os.truncate(Path(local_store(app).root) / ".uploads" / name, 1000)
+    before = scrape(client)
+    answer = send(client, alice, path, 70_000, qcow2_bytes[70_000:])
+    assert (answer.status_code, answer.get_json()) == (410, {
+        "message": "Gone: the upload's bytes were lost; start a new one"})
+    assert head(client, alice, path).status_code == 404
+    assert grown(before, scrape(client))[uploads("status_410")] == 1

@@ -9,9 +9,11 @@ that is down, an error).
 
 from werkzeug.exceptions import HTTPException
 
+from digests import MISMATCH
 from errors import ApiError, ValidationError, disk_full
 from image_changes import NAME_TAKEN
 from qcow2 import ImageRefused
+from quotas import QuotaExceeded
 from storage import StorageUnavailable
 
 # What each status of an ApiError (or of Werkzeug's own, a 413 of a multipart form) means
@@ -37,6 +39,8 @@ def refusal_rule(error):
         return _field_rule(error)
     if isinstance(error, StorageUnavailable):
         return "store_unavailable"
+    if isinstance(error, QuotaExceeded):  # the only 403 of an upload past its token
+        return "quota"
     if isinstance(error, ApiError | HTTPException):
         status = error.status if isinstance(error, ApiError) else error.code
         return RULE_OF_STATUS.get(status, f"status_{status}")
@@ -53,4 +57,6 @@ def _field_rule(error):
     field, [message] = next(iter(error.fields.items()))
     if field == "name" and message == NAME_TAKEN:
         return "name_taken"
+    if field == "file" and message.startswith(MISMATCH):
+        return "sha256_mismatch"
     return RULE_OF_FIELD.get(field, field)

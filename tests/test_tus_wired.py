@@ -149,11 +149,13 @@ def test_a_quota_passed_by_the_end_refuses_the_image_and_ends_the_upload(
     path = path_of(create(client, alice, len(qcow2_bytes)))
     assert send(client, alice, path, 0, qcow2_bytes[:70_000]).status_code == 204
     set_quota(runner, "alice", images=0)
+    before = scrape(client)
     last = send(client, alice, path, 70_000, qcow2_bytes[70_000:])
     assert (last.status_code, last.get_json()) == (403, {
         "message": "Quota exceeded: user alice may keep 0 images; 0 in use"})
     assert head(client, alice, path).status_code == 404
     assert Image.select().count() == 0 and uploads_folder(app) == []
+    assert grown(before, scrape(client))[uploads("quota")] == 1
 
 
 # --- metrics and the audit log -----------------------------------------------------------
@@ -236,3 +238,13 @@ def test_an_upload_whose_bytes_were_lost_ends_counted(client, alice, app, qcow2_
         "message": "Gone: the upload's bytes were lost; start a new one"})
     assert head(client, alice, path).status_code == 404
     assert grown(before, scrape(client))[uploads("status_410")] == 1
+
+
+def test_a_sha256_that_does_not_match_is_counted_as_such(client, alice, qcow2_bytes):
+    """By tus (the metadata's sha256) and by POST /images (the query's): sha256_mismatch."""
+    before = scrape(client)
+    _, last = upload_in_pieces(client, alice, qcow2_bytes, [70_000], sha256="0" * 64)
+    assert last.status_code == 400
+    assert client.post("/images?name=posted&sha256=" + "0" * 64, data=qcow2_bytes,
+                       headers=alice.headers).status_code == 400
+    assert grown(before, scrape(client))[uploads("sha256_mismatch")] == 2

@@ -99,6 +99,18 @@ def test_an_unfinished_upload_counts_against_a_later_post_images(
     assert upload(alice, "now", namespace="team").status_code == 201
 
 
+def test_a_collaborators_unfinished_upload_counts_for_the_namespaces_owner(
+        client, runner, alice, bob):
+    """As for an image: the owner pays, not the collaborator who sends it."""
+    runner.invoke(args=["namespace", "create", "team", "--owner", "alice"])
+    runner.invoke(args=["namespace", "add-collaborator", "team@alice", "bob"])
+    path_of(create(client, bob, 1000, name="from-bob", namespace="team@alice"))
+    assert quota(runner, "show", "alice").output.splitlines()[1:] == [
+        "bytes: 1000 used (1000), no limit", "images: 1 used, no limit"]
+    assert quota(runner, "show", "bob").output.splitlines()[1:] == [
+        "bytes: 0 used (0), no limit", "images: 0 used, no limit"]
+
+
 @pytest.mark.parametrize("kind", ["bytes", "images"])
 def test_of_two_racing_creations_that_together_pass_the_quota_one_wins(
         app, runner, alice, qcow2_bytes, monkeypatch, kind):

@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-PLUGINS = ["db_fixtures", "s3_fixtures", "image_fixtures"]
+PLUGINS = ["db_fixtures", "s3_fixtures", "image_fixtures", "client_fixtures"]
 # Imported below before pytest loads them as plugins: have their asserts rewritten all the same.
 pytest.register_assert_rewrite(*PLUGINS)
 

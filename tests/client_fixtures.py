@@ -59,9 +59,9 @@ class Client:
 
 @pytest.fixture(scope="session")
 def client_server(tmp_path_factory):
-    """A gunicorn for the client's tests; `token` is a token of its user alice."""
+    """A gunicorn for the client's tests; `alice_token` is a token of its user alice."""
     with server_with_account(tmp_path_factory.mktemp("client-server"), "alice") as server:
-        server.token = server.headers["Authorization"].removeprefix("Bearer ")
+        server.alice_token = server.headers["Authorization"].removeprefix("Bearer ")
         yield server
 
 
@@ -76,7 +76,7 @@ def proxy(client_server):
 @pytest.fixture
 def imagestore(tmp_path, proxy, client_server):
     """The command, as alice, talking to the server through the proxy."""
-    return Client(tmp_path / "home", proxy.url, client_server.token)
+    return Client(tmp_path / "home", proxy.url, client_server.alice_token)
 
 
 def make_disk(folder, mib, name="disk.qcow2"):
@@ -90,12 +90,14 @@ def make_disk(folder, mib, name="disk.qcow2"):
     return path
 
 
-def upload(server, path, name, namespace=None):
-    """POST /images of a file, straight to the server; the image object."""
+def upload(server, path, name, namespace=None, token=None):
+    """POST /images of a file, straight to the server (as alice, or the token's user); the
+    image object."""
     params = {"name": name} | ({"namespace": namespace} if namespace else {})
+    headers = {"Authorization": f"Bearer {token}"} if token else server.headers
     with open(path, "rb") as body:
         answer = requests.post(f"{server.url}/images", params=params, data=body,
-                               headers=server.headers, timeout=120)
+                               headers=headers, timeout=120)
     assert answer.status_code == 201, answer.text
     return answer.json()
 

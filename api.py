@@ -10,6 +10,7 @@ import image_changes
 import queries
 from access import readable_image, writable_image
 from auth import require_scope
+from digests import check_sha256, expected_sha256, repr_digest
 from diskspace import check_room_for_upload, parts_short_of_space
 from downloads import DISK_TYPES, JSON, file_response, negotiate
 from errors import ApiError, ValidationError, disk_full, not_found
@@ -89,6 +90,7 @@ def create_image():
     check_room_for_upload(storage(), config["MIN_FREE_SPACE"], request.content_length)
     plan = image_changes.plan_upload(g.user, request.args.get("name"),
                                      request.args.get("namespace"))
+    expected = expected_sha256(request.headers.get("Repr-Digest"), request.args.get("sha256"))
     with storage().staging() as staged, watch_body(request, config["BODY_READ_TIMEOUT"]) as watch:
         stream, length = body_stream(request)
         # The header is vetted as soon as its bytes are in, the rest of the body unread.
@@ -96,6 +98,7 @@ def create_image():
         try:
             size, sha256 = receive_body(stream, staged.file, max_size, length, watch,
                                         check_start, HEADER_READ_SIZE)
+            check_sha256(expected, sha256)  # before qemu-img: a wrong file is refused cheaply
             info = inspect_qcow2(staged.path, max_virtual, config["QEMU_IMG_SLOTS"])
         except ImageRefused as refusal:
             raise ValidationError("file", refusal_message(refusal)) from None
@@ -183,5 +186,5 @@ def send_image(image, mimetype):
     return file_response(
         request, open_file, size=image.size, mimetype=mimetype,
         etag=image.sha256, last_modified=last_modified(image),
-        filename=f"{image.name}.qcow2",
+        filename=f"{image.name}.qcow2", repr_digest=repr_digest(image.sha256),
     )

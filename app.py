@@ -12,6 +12,8 @@ from models import create_tables, db, keep_wal, open_database, use_wal
 from queries import has_image_with_key
 from recovery import recover
 from storage import storage_from_url
+from tus import bp as tus_bp
+from tusuploads import sweep_expired
 
 
 def create_app(test_config=None, instance_path=None, prepare=True):
@@ -32,7 +34,8 @@ def create_app(test_config=None, instance_path=None, prepare=True):
 
     open_database(app.config["DATABASE_URL"])
     app.extensions["storage"] = storage_from_url(
-        app.config["STORAGE_URL"], app.config["STAGING_DIR"], app.config["S3_REDIRECT_DOWNLOADS"])
+        app.config["STORAGE_URL"], app.config["STAGING_DIR"], app.config["S3_REDIRECT_DOWNLOADS"],
+        app.config["UPLOAD_EXPIRY"])
     if prepare:
         prepare_instance(app)
     else:
@@ -50,6 +53,7 @@ def create_app(test_config=None, instance_path=None, prepare=True):
     register_error_handlers(app)
     register_cli(app)
     app.register_blueprint(bp)
+    app.register_blueprint(tus_bp)
     return app
 
 
@@ -68,6 +72,7 @@ def prepare_instance(app):
     create_tables()
     with db.connection_context():
         recover(app.extensions["storage"], has_image_with_key)
+        sweep_expired(app.extensions["storage"])
 
 
 def recover_leftovers(app):
@@ -80,6 +85,7 @@ def recover_leftovers(app):
     try:
         with db.connection_context():
             recover(app.extensions["storage"], has_image_with_key)
+            sweep_expired(app.extensions["storage"])
     except Exception:  # logged with its traceback; the worker serves on
         app.logger.exception("recovery at worker start failed; the next start or "
                              "`flask --app app sweep` will do it")

@@ -19,6 +19,7 @@ from namespaces import MAX_USERNAME, USERNAME, ensure_namespace, find_namespace,
 from queries import has_image_with_key, image_keys
 from recovery import orphan_keys, recover
 from representations import rfc3339
+from tusuploads import sweep_expired
 
 user_cli = AppGroup("user", help="Manage users.")
 token_cli = AppGroup("token", help="Manage API tokens.")
@@ -207,13 +208,17 @@ def init_db():
 @click.option("--min-age", default=3600, show_default=True,
               help="only remove orphan files older than this many seconds")
 def sweep(min_age):
-    """Remove temporary files of dead workers and stored files that have no row."""
+    """Remove temporary files of dead workers, stored files that have no row, and
+    resumable uploads past their expiry (with their bytes)."""
     store = current_app.extensions["storage"]
     removed, settled = recover(store, has_image_with_key)
     orphans = orphan_keys(store, older_than=min_age, keys_with_rows=image_keys)
     for key in orphans:
         store.delete(key)
     click.echo(f"removed {removed} temporary files and {settled + len(orphans)} orphan files")
+    expired = sweep_expired(store)
+    if expired:  # a line of its own, only then: scripts read the line above as it was
+        click.echo(f"removed {expired} expired uploads")
 
 
 def register_cli(app):

@@ -31,6 +31,17 @@ def parse_size(text):
     return int(match.group(1)) * _UNITS[match.group(2).upper()]
 
 
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text):
+    """Turn '24h', '90m', '2d', '30s' or '3600' (seconds) into a number of seconds."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", str(text), re.IGNORECASE)
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"not a duration: {text!r} (use seconds, or 90m, 24h, 2d)")
+    return int(match.group(1)) * _SECONDS[match.group(2).lower()]
+
+
 def _flag(value):
     """Read an on/off environment value."""
     return str(value).strip().lower() in ("1", "true", "yes", "on")
@@ -138,6 +149,8 @@ def load_config(instance_path, environ=None):
         # Free space that uploads must leave on the store's and the database's disks, so
         # that deletes (which write to the database first) still find room when it is full.
         "MIN_FREE_SPACE": parse_size(env.get("MIN_FREE_SPACE", "64M")),
+        # How long an unfinished tus upload (/uploads) is kept after it was created.
+        "UPLOAD_EXPIRY": parse_duration(env.get("UPLOAD_EXPIRY") or "24h"),
         # How many qemu-img checks may run at once (one per CPU unless set), and the folder of
         # the lock files that count them, shared by every worker and server of this instance.
         "QEMU_IMG_SLOTS": (os.path.join(instance_path, "qemu-img-slots"),

@@ -119,12 +119,15 @@ def _requested_range(request, size, etag, last_modified):
     return parse_range(request.headers["Range"], size)
 
 
-def file_response(request, opener, *, size, mimetype, etag, last_modified, filename):
+def file_response(request, opener, *, size, mimetype, etag, last_modified, filename,
+                  repr_digest=None):
     """Answer GET/HEAD with the file, through the server's file_wrapper (sendfile).
 
     opener() opens the file only when bytes will really be sent. A range is sent
     zero-copy too: the file is positioned at its start and Content-Length set to
-    its length, which is exactly what gunicorn's sendfile path reads.
+    its length, which is exactly what gunicorn's sendfile path reads. repr_digest, the
+    file's Repr-Digest (RFC 9530), goes on 200, 206 and 304 alike: it is the digest of
+    the whole file, whatever part of it is sent; a 412 or 416 (whose body is JSON) has none.
     """
     headers = {
         "ETag": f'"{etag}"',
@@ -136,13 +139,15 @@ def file_response(request, opener, *, size, mimetype, etag, last_modified, filen
     refusal = precondition(request.headers, etag, last_modified)
     if refusal == 412:
         raise ApiError(412, "Precondition Failed", headers)
-    if refusal == 304:
-        return Response(status=304, headers=headers)
     try:
-        span = _requested_range(request, size, etag, last_modified)
+        span = None if refusal == 304 else _requested_range(request, size, etag, last_modified)
     except ApiError as error:
         error.headers = {**headers, **error.headers}
         raise
+    if repr_digest:
+        headers["Repr-Digest"] = repr_digest
+    if refusal == 304:
+        return Response(status=304, headers=headers)
     start, end = span or (0, size)
     if span is not None:
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"

@@ -60,15 +60,18 @@ def _name_taken(owner, ref, namespace, name):
                                 Image.name == name).exists()
 
 
-def create_image(plan, storage, staged, size, sha256, info):
+def create_image(plan, storage, staged, size, sha256, info, put=None, record=None):
     """Move the inspected file into the store, then record it; a failure removes the file.
 
     The file goes in first so that a crash leaves at worst a file without a row, never a
     row without a file; put() leaves an intent on the key until the row is committed, so
     that recovery.recover() finds such a file after a crash. The database settles a race
     on the name: the loser's unique-index error becomes the same 400.
+
+    put(staged) stores the file instead of storage.put (a finished tus upload stores its
+    own); record(image), if given, runs in the row's transaction (it marks the upload done).
     """
-    key = storage.put(staged)
+    key = (put or storage.put)(staged)
     try:
         with write_transaction():
             namespace = plan.namespace
@@ -77,6 +80,8 @@ def create_image(plan, storage, staged, size, sha256, info):
             image = Image.create(author=plan.author, user=plan.owner, namespace=namespace,
                                  name=plan.name, storage_key=key, size=size,
                                  virtual_size=info.virtual_size, sha256=sha256)
+            if record is not None:
+                record(image)
     except IntegrityError:
         _remove_file(storage, key)
         raise ValidationError("name", NAME_TAKEN) from None

@@ -5,8 +5,8 @@ import os
 import secrets
 import time
 
-from staging import IntentJournal, StagingArea, folder_down_is_unavailable, fsync_dir
-from storage import OBJECT_SUFFIX
+from staging import TEMP_SUFFIX, IntentJournal, StagingArea, folder_down_is_unavailable, fsync_dir
+from storage import OBJECT_SUFFIX, UploadGone
 
 
 class LocalStorage:
@@ -15,6 +15,10 @@ class LocalStorage:
     # How errors and /healthz name this store and its disk.
     FOLDER_NAME = "the image store (file storage)"
     DISK_NAME = "storage"
+    # Unfinished resumable uploads, one file each: on the store's disk, so that the last
+    # piece's file is kept by one rename; outside the staging folder, whose sweep removes
+    # whatever no live process wrote.
+    UPLOADS_FOLDER = ".uploads"
 
     def __init__(self, root):
         self.root = os.path.abspath(root)
@@ -96,6 +100,82 @@ class LocalStorage:
     def sweep(self):
         """Remove what killed workers left in the staging folder, but for intents."""
         return self._staging.sweep()
+
+    def upload_path(self, upload_id):
+        """The file of an unfinished resumable upload (for this backend and the tests)."""
+        return os.path.join(self.root, self.UPLOADS_FOLDER, upload_id + TEMP_SUFFIX)
+
+    def begin_upload(self, upload_id, length):
+        """An empty file for the upload's pieces; no state beyond its name."""
+        path = self.upload_path(upload_id)
+        with self._root_down():
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return {}
+
+    @contextlib.contextmanager
+    def upload_piece(self, upload_id, state, offset):
+        """The upload's file, cut back to offset and written from there; what keep() did
+        not keep is cut off again at the block's end. The caller holds the upload's lock."""
+        with self._root_down():
+            try:
+                file = open(self.upload_path(upload_id), "r+b", buffering=0)  # noqa: SIM115
+            except FileNotFoundError:
+                raise UploadGone(f"no file for upload {upload_id}") from None
+        piece = None
+        try:
+            piece = LocalPiece(file, offset)
+            yield piece
+        finally:
+            if piece is not None:
+                with contextlib.suppress(OSError):  # the next piece cuts it back anyway
+                    file.truncate(piece.kept)
+            file.close()
+
+    @contextlib.contextmanager
+    def complete_upload(self, upload_id, state):
+        """The upload's own file, which store() moves into the store as put() does."""
+        with self._root_down():
+            try:
+                file = open(self.upload_path(upload_id), "r+b", buffering=0)  # noqa: SIM115
+            except FileNotFoundError:
+                raise UploadGone(f"no file for upload {upload_id}") from None
+        try:
+            yield FinishedFile(self, self.upload_path(upload_id), file)
+        finally:
+            file.close()
+
+    def abort_upload(self, upload_id, state):
+        """Remove the upload's file, if it is still there."""
+        with contextlib.suppress(FileNotFoundError), self._root_down():
+            os.unlink(self.upload_path(upload_id))
+
+
+class LocalPiece:
+    """A piece written into its upload's file from offset on."""
+
+    def __init__(self, file, offset):
+        if os.fstat(file.fileno()).st_size < offset:
+            raise UploadGone("the upload's file is shorter than its recorded offset")
+        file.truncate(offset)  # what a killed request wrote past the offset is dropped
+        file.seek(offset)
+        self.file, self.kept = file, offset
+
+    def keep(self, size, complete):
+        """Count size more bytes, once they are on disk (before their offset is recorded)."""
+        os.fdatasync(self.file.fileno())
+        self.kept += size
+        return {}
+
+
+class FinishedFile:
+    """A whole upload's file; store() gives it its key as LocalStorage.put does a staged one."""
+
+    def __init__(self, store, path, file):
+        self._store, self.path, self.file = store, path, file
+
+    def store(self):
+        return self._store.put(self)
 
 
 def _changed_before(entry, limit):

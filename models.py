@@ -8,6 +8,7 @@ from peewee import (
     SQL,
     AutoField,
     BigIntegerField,
+    BlobField,
     CharField,
     DatabaseProxy,
     ForeignKeyField,
@@ -152,7 +153,26 @@ class Image(BaseModel):
 # in a plain unique index, so this needs a partial one (SQLite and PostgreSQL both have them).
 Image.add_index(Image.index(Image.user, Image.name, unique=True).where(Image.namespace.is_null()))
 
-MODELS = (User, Token, Namespace, Collaborator, Image)
+class Upload(BaseModel):
+    """A tus upload (tus.py, tusuploads.py): where it goes, how far it is, where its bytes are."""
+
+    id = CharField(primary_key=True, max_length=64)  # random: knowing it is reaching the upload
+    user = ForeignKeyField(User, backref="uploads", on_delete="CASCADE")
+    name = CharField(max_length=64)
+    namespace = TextField(null=True)  # `path[@owner]` as the client wrote it
+    length = BigIntegerField()
+    offset = BigIntegerField(default=0)  # bytes received and kept
+    metadata = TextField(default="{}")  # Upload-Metadata, decoded, as JSON
+    sha256 = CharField(max_length=64, null=True)  # what the metadata says the file's is
+    hash_state = TextField(null=True)  # the sha256 of bytes 0..offset, resumable (resumablehash.py)
+    head = BlobField(null=True)  # the first bytes, until the header's HEADER_READ_SIZE are in
+    state = TextField(default="{}")  # the storage backend's own (an S3 multipart upload), as JSON
+    image = ForeignKeyField(Image, null=True, on_delete="SET NULL")  # once done
+    created_at = DateTimeField(default=utcnow)
+    expires_at = DateTimeField(index=True)
+
+
+MODELS = (User, Token, Namespace, Collaborator, Image, Upload)
 
 
 # Any number that all instances share: the key of the advisory lock taken while

@@ -1,5 +1,6 @@
 """Image files in an S3-compatible bucket (AWS, MinIO, Ceph...), behind storage.py's interface."""
 
+import contextlib
 import io
 import logging
 import os
@@ -13,9 +14,10 @@ from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from s3transfer.utils import ReadFileChunk
 
 from staging import IntentJournal, StagingArea
-from storage import OBJECT_SUFFIX, MiB, StorageUnavailable
+from storage import OBJECT_SUFFIX, MiB, StorageUnavailable, UploadGone
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +103,10 @@ class S3Storage:
     STALE_UPLOAD = timedelta(days=1)
 
     def __init__(self, bucket, prefix="", staging_dir=None, redirect_downloads=True,
-                 part_size=16 * MiB, concurrency=4, client=None):
+                 part_size=16 * MiB, concurrency=4, client=None, upload_expiry=0):
         self.bucket = bucket
+        # A resumable upload's multipart upload lives as long as the upload may.
+        self.stale_upload = self.STALE_UPLOAD + timedelta(seconds=upload_expiry)
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.redirect_downloads = redirect_downloads
         self._staging = StagingArea(
@@ -118,11 +122,13 @@ class S3Storage:
                                        max_concurrency=concurrency)
 
     @classmethod
-    def from_url(cls, url, staging_dir=None, redirect_downloads=True, **options):
+    def from_url(cls, url, staging_dir=None, redirect_downloads=True, upload_expiry=0,
+                 **options):
         """The store for s3://bucket/prefix, staging in staging_dir (else a temporary one)."""
         if not url.netloc:
             raise ValueError("STORAGE_URL s3:// needs a bucket: s3://bucket/prefix")
-        return cls(url.netloc, url.path, staging_dir, redirect_downloads)
+        return cls(url.netloc, url.path, staging_dir, redirect_downloads,
+                   upload_expiry=upload_expiry)
 
     def staging(self):
         """A staged file for an upload, removed at the block's end unless put() took it."""
@@ -215,7 +221,7 @@ class S3Storage:
         return removed
 
     def _abort_stale_uploads(self):
-        limit = datetime.now(UTC) - self.STALE_UPLOAD
+        limit = datetime.now(UTC) - self.stale_upload
         pages = self.client.get_paginator("list_multipart_uploads").paginate(
             Bucket=self.bucket, Prefix=self.prefix)
         for page in pages:
@@ -236,3 +242,206 @@ class S3Storage:
         """Bytes free on the disk that uploads are staged on (the bucket has no limit to ask)."""
         return self._staging.free_space()
 
+
+    # ------------------------------------------------------------ resumable uploads
+    #
+    # An upload's pieces go to one S3 multipart upload, under the key its image will have,
+    # so that any instance can take the next piece and nothing is copied at the end. S3
+    # wants every part but the last to be of at least 5 MiB, and numbers parts in the
+    # order they are joined: a part starting at byte p is number 1 + p // unit (unit at
+    # least 5 MiB, and large enough that the upload needs at most 10,000), so that parts
+    # are in order whichever request made them, and a piece sent again (after a killed
+    # worker) makes the same numbers again. What is left after a piece and too short for a
+    # part (a small piece) waits as a "tail" object, read back by the next piece.
+
+    MIN_PART = 5 * MiB
+    MAX_PARTS = 10_000
+    # boto3's own default for its multipart uploads (s3transfer), so that S3 checks each part.
+    PART_CHECKSUM = "CRC32"
+
+    def begin_upload(self, upload_id, length):
+        """A multipart upload for the image's future key; its state for the upload's row."""
+        key = secrets.token_hex(16)
+        with self._upload_errors("starting an upload"):
+            made = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=self.object_name(key),
+                ContentType="application/x-qemu-disk", ChecksumAlgorithm=self.PART_CHECKSUM)
+        return {"key": key, "multipart": made["UploadId"],
+                "unit": max(self.MIN_PART, -(-length // self.MAX_PARTS)),
+                "parts": [], "parts_end": 0, "tail": None}
+
+    @contextlib.contextmanager
+    def upload_piece(self, upload_id, state, offset):
+        """A staged file for the piece, holding the tail (if any) first."""
+        with self.staging() as staged:
+            tail = offset - state["parts_end"]
+            if tail:
+                self._fetch_tail(state["tail"], staged.file)
+            yield S3Piece(self, upload_id, state, staged, tail)
+
+    def keep_piece(self, upload_id, state, path, total, complete):
+        """Send the staged file's total bytes up as parts (and a tail); the new state."""
+        spans, rest = split_parts(total, state["unit"], max(self.part_chunk, state["unit"]),
+                                  complete)
+        parts, start = list(state["parts"]), state["parts_end"]
+        for begin, length in spans:
+            parts.append(self._upload_part(state, 1 + (start + begin) // state["unit"],
+                                           path, begin, length))
+        tail = self._put_tail(upload_id, path, *rest) if rest else None
+        return {**state, "parts": parts, "tail": tail,
+                "parts_end": start + sum(length for _, length in spans)}
+
+    @property
+    def part_chunk(self):
+        """The largest part sent (more than one is made of a larger piece)."""
+        return self.transfer.multipart_chunksize
+
+    def _upload_part(self, state, number, path, begin, length):
+        """Send bytes begin.. of the file at path as part number; what completing needs of it."""
+        with self._upload_errors("sending a part"), \
+                ReadFileChunk.from_filename(path, begin, length, enable_callbacks=False) as body:
+            sent = self.client.upload_part(
+                Bucket=self.bucket, Key=self.object_name(state["key"]), PartNumber=number,
+                UploadId=state["multipart"], Body=body, ContentLength=length,
+                ChecksumAlgorithm=self.PART_CHECKSUM)
+        part = {"PartNumber": number, "ETag": sent["ETag"]}
+        checksum = f"Checksum{self.PART_CHECKSUM}"
+        if checksum in sent:
+            part[checksum] = sent[checksum]
+        return part
+
+    def _tails_prefix(self, upload_id):
+        return f"{self.prefix}uploads/{upload_id}/"
+
+    def _put_tail(self, upload_id, path, begin, length):
+        """Keep bytes begin.. of the file at path as a new tail object; return its name.
+
+        A new name each time: the row names the one that counts, and the old ones go with
+        the upload (_delete_tails)."""
+        name = f"{self._tails_prefix(upload_id)}{secrets.token_hex(8)}.tail"
+        with self._upload_errors("keeping a piece"), \
+                ReadFileChunk.from_filename(path, begin, length, enable_callbacks=False) as body:
+            self.client.put_object(Bucket=self.bucket, Key=name, Body=body, ContentLength=length)
+        return name
+
+    def _fetch_tail(self, name, out):
+        """Write the tail object's bytes into out."""
+        with self._upload_errors("reading a piece back"):
+            try:
+                body = self.client.get_object(Bucket=self.bucket, Key=name)["Body"]
+            except self.client.exceptions.NoSuchKey:
+                raise UploadGone(f"no tail object {name}") from None
+            while block := body.read(MiB):
+                out.write(block)
+
+    def _delete_tails(self, upload_id):
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._tails_prefix(upload_id))
+        for page in pages:
+            for obj in page.get("Contents", ()):
+                self.client.delete_object(Bucket=self.bucket, Key=obj["Key"])
+
+    @contextlib.contextmanager
+    def complete_upload(self, upload_id, state):
+        """Complete the multipart upload (the object appears under its key, with an intent)
+        and read it back into a staged file to inspect; removed again unless stored."""
+        key, finished = state["key"], None
+        self.intents.intend(key)
+        try:
+            with self._upload_errors("completing an upload"):
+                parts = sorted(state["parts"], key=lambda part: part["PartNumber"])
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=self.object_name(key), UploadId=state["multipart"],
+                    MultipartUpload={"Parts": parts})
+            with self.staging() as staged:
+                with self._upload_errors("reading a finished upload"):
+                    self.client.download_fileobj(self.bucket, self.object_name(key),
+                                                 staged.file, Config=self.transfer)
+                finished = FinishedObject(staged, key)
+                yield finished
+        finally:
+            if finished is None or not finished.stored:
+                self._remove_unstored(key)
+            with contextlib.suppress(*BOTO_ERRORS):
+                self._delete_tails(upload_id)
+
+    def _remove_unstored(self, key):
+        """Remove a completed object that was not kept; left to recovery if S3 is down."""
+        try:
+            self.delete(key)
+        except StorageUnavailable as error:
+            log.warning("could not remove %s yet, recovery will: %s", key, error)
+            return
+        self.intents.settle(key)
+
+    def abort_upload(self, upload_id, state):
+        """Abort the multipart upload and remove its tail objects."""
+        if state.get("multipart"):
+            with contextlib.suppress(UploadGone), self._upload_errors("aborting an upload"):
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=self.object_name(state["key"]),
+                    UploadId=state["multipart"])
+        with self._upload_errors("removing an upload's pieces"):
+            self._delete_tails(upload_id)
+
+    # What S3 answers when a multipart upload cannot go on: it was aborted or completed, or
+    # the parts named are not the ones it holds.
+    GONE_CODES = ("NoSuchUpload", "InvalidPart", "InvalidPartOrder", "EntityTooSmall")
+
+    @contextlib.contextmanager
+    def _upload_errors(self, what):
+        """UploadGone when the multipart upload cannot go on; StorageUnavailable when S3 fails."""
+        try:
+            yield
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in self.GONE_CODES:
+                raise UploadGone(f"{what} on S3: {error}") from error
+            raise StorageUnavailable(f"{what} on S3 failed: {error}") from error
+        except BOTO_ERRORS as error:
+            raise StorageUnavailable(f"{what} on S3 failed: {error}") from error
+
+
+def split_parts(total, unit, chunk, complete):
+    """How total staged bytes go up: ([(begin, length) of each part], (begin, length) of
+    the tail or None). Parts are of chunk bytes but the last, which takes a rest shorter
+    than unit too (S3's minimum), unless the bytes complete the upload: then any rest is
+    the last part. Bytes that are fewer than unit all wait as the tail."""
+    if not total or (total < unit and not complete):
+        return [], ((0, total) if total else None)
+    spans, begin = [], 0
+    while total - begin > chunk:
+        spans.append((begin, chunk))
+        begin += chunk
+    rest = total - begin
+    if spans and rest < unit and not complete:
+        spans[-1] = (spans[-1][0], spans[-1][1] + rest)
+    else:
+        spans.append((begin, rest))
+    return spans, None
+
+
+class S3Piece:
+    """A piece staged locally after the upload's tail, sent up by keep()."""
+
+    def __init__(self, store, upload_id, state, staged, tail):
+        self._store, self._upload_id, self._state = store, upload_id, state
+        self._path, self._tail = staged.path, tail
+        self.file = staged.file
+
+    def keep(self, size, complete):
+        """Send the tail and the piece's first size bytes up; the upload's new state."""
+        return self._store.keep_piece(self._upload_id, self._state, self._path,
+                                      self._tail + size, complete)
+
+
+class FinishedObject:
+    """A completed upload's object, read back into a staged file; store() keeps it."""
+
+    def __init__(self, staged, key):
+        self.path, self.file, self.key = staged.path, staged.file, key
+        self.stored = False
+
+    def store(self):
+        """The object is in place already, under its intent: only its key is needed."""
+        self.stored = True
+        return self.key

@@ -36,6 +36,31 @@ class StorageUnavailable(OSError):
         self.reason = reason
 
 
+class UploadGone(Exception):
+    """An unfinished resumable upload whose bytes the store no longer has (removed, or its
+    S3 multipart upload aborted or completed by a request that then died)."""
+
+
+class UploadPiece(Protocol):
+    """One piece of a resumable upload being received: written in order through file."""
+
+    file: BinaryIO
+
+    def keep(self, size: int, complete: bool) -> dict:
+        """Make the first size bytes written part of the upload, durably (complete: they
+        end it); return the upload's new backend state."""
+
+
+class FinishedUpload(Protocol):
+    """A resumable upload whose every byte is in, as a local file to inspect at path."""
+
+    path: str
+    file: BinaryIO
+
+    def store(self) -> str:
+        """Keep the file as a stored file under a new key, left with an intent (as put)."""
+
+
 class StagedFile(Protocol):
     """An upload being staged: written through file, inspected at path."""
 
@@ -82,7 +107,8 @@ class Storage(Protocol):
 
     @classmethod
     def from_url(cls, url, **options) -> "Storage":
-        """The backend for a parsed STORAGE_URL; options: staging_dir, redirect_downloads."""
+        """The backend for a parsed STORAGE_URL; options: staging_dir, redirect_downloads,
+        upload_expiry (seconds a resumable upload may live)."""
 
     def staging(self) -> AbstractContextManager[StagedFile]:
         """A staged file for an upload, removed at the block's end unless put() took it."""
@@ -111,6 +137,26 @@ class Storage(Protocol):
     def sweep(self) -> int:
         """Remove what killed workers left staged (not intents); return how many files."""
 
+    # Resumable (tus) uploads: an upload's bytes come in pieces, to any process, and its
+    # backend state (JSON-able) is kept with the upload's row between them.
+
+    def begin_upload(self, upload_id: str, length: int) -> dict:
+        """Make a place for an upload of length bytes; return its backend state."""
+
+    def upload_piece(self, upload_id: str, state: dict,
+                     offset: int) -> AbstractContextManager[UploadPiece]:
+        """A piece that starts at offset (what a killed request wrote past it is dropped);
+        what keep() did not keep is dropped at the block's end. UploadGone if the upload's
+        bytes are gone."""
+
+    def complete_upload(self, upload_id: str,
+                        state: dict) -> AbstractContextManager[FinishedUpload]:
+        """The whole upload as a local file; unless store() took it, the block's end
+        removes what completing made (an S3 object), not the upload's pieces."""
+
+    def abort_upload(self, upload_id: str, state: dict) -> None:
+        """Remove an unfinished upload's bytes; one already gone is no error."""
+
 
 
 def backend_class(scheme):
@@ -123,8 +169,10 @@ def backend_class(scheme):
     return getattr(importlib.import_module(module), name)
 
 
-def storage_from_url(url, staging_dir=None, redirect_downloads=True) -> Storage:
+def storage_from_url(url, staging_dir=None, redirect_downloads=True,
+                     upload_expiry=0) -> Storage:
     """The store a STORAGE_URL names: file:///folder or s3://bucket/prefix."""
     parsed = urlparse(url)
     return backend_class(parsed.scheme).from_url(
-        parsed, staging_dir=staging_dir, redirect_downloads=redirect_downloads)
+        parsed, staging_dir=staging_dir, redirect_downloads=redirect_downloads,
+        upload_expiry=upload_expiry)

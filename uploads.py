@@ -112,8 +112,8 @@ class HashOnTheSide:
     both written and hashed, and memory stays at the ring's buffers.
     """
 
-    def __init__(self, ring):
-        self._sha256 = hashlib.sha256()
+    def __init__(self, ring, hasher=None):
+        self._sha256 = hashlib.sha256() if hasher is None else hasher
         self._ring = ring
         self._pieces = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._hash, name="upload-sha256", daemon=True)
@@ -205,19 +205,23 @@ def watch_body(request, timeout):
 
 
 def receive_body(stream, out, max_size, expected_length=None, watch=None, check_start=None,
-                 start_size=64 * 1024):
+                 start_size=64 * 1024, hasher=None):
     """Copy stream into the file out through a ring of reused buffers; return (size, sha256).
 
     check_start, if given, is called with the body's first start_size bytes (at most
     CHUNK_SIZE) as soon as they are in, never for a shorter body; what it raises ends the
     upload there, the rest of the body unread. A body shorter than its Content-Length was
     cut off: gunicorn hands the short body over without an error, so the count is checked.
+    A body that ends early (cut off, or stalled) raises BodyEndedEarly, whose `received`
+    counts the bytes written (and hashed) before. hasher, if given, is what the bytes are
+    hashed with instead of a new sha256 (its hexdigest() is returned): a tus piece goes on
+    with its upload's hash.
     """
     ring = buffer_ring(RING_BUFFERS, CHUNK_SIZE)
-    digest = HashOnTheSide(ring)
+    digest = HashOnTheSide(ring, hasher)
     reader = BodyReader(stream, max_size, watch)
+    size = written_back = 0
     try:
-        size = written_back = 0
         while True:
             buffer = take_buffer(ring)
             # Never more than one byte past the limit: that byte is the 413.
@@ -238,12 +242,15 @@ def receive_body(stream, out, max_size, expected_length=None, watch=None, check_
                 watch.progress()
             if length < len(view):  # the body ended
                 break
+    except BodyEndedEarly as error:
+        error.received = size
+        raise
     finally:
         sha256 = digest.finish()  # also on errors: no thread is left behind
     if watch and watch.expired:
-        raise too_slow(watch)
+        raise too_slow(watch, size)
     if expected_length is not None and size != expected_length:
-        raise cut_off()
+        raise cut_off(size)
     return size, sha256
 
 
@@ -287,12 +294,21 @@ class BodyReader:
         return len(data)
 
 
-def cut_off():
-    return ApiError(400, "Upload cut off before the end of the body")
+class BodyEndedEarly(ApiError):
+    """A body that was cut off or stalled; received: the bytes written before, if known."""
+
+    def __init__(self, status, message, received=None):
+        super().__init__(status, message)
+        self.received = received
 
 
-def too_slow(watch):
-    return ApiError(408, f"Request Timeout: the body stalled for {watch.timeout} seconds")
+def cut_off(received=None):
+    return BodyEndedEarly(400, "Upload cut off before the end of the body", received)
+
+
+def too_slow(watch, received=None):
+    return BodyEndedEarly(408, f"Request Timeout: the body stalled for {watch.timeout} seconds",
+                          received)
 
 
 def broken_framing(error):

@@ -4,7 +4,8 @@ Spoken directly, three kinds of request (POST to create, PATCH a piece, HEAD to 
 the server is): docs/client.md says why not tuspy. Each piece carries its sha256
 (Upload-Checksum), computed on a second thread while the piece before it is sent; the whole
 file's sha256 goes in the metadata, and the server checks it at the end. After a break the
-client asks the server for its Upload-Offset and goes on from there; the upload's URL is kept
+client asks the server for its Upload-Offset (HEAD), waits until the upload is free again (an
+empty PATCH: 409 while the broken request still holds it) and goes on; the upload's URL is kept
 in STATE/uploads/<key>.json, key of the server, the file (path, size, mtime) and the name, so
 that running the same push again resumes it.
 """
@@ -33,8 +34,18 @@ READ = 1 << 20
 # under a CPU budget of seconds per GiB, maybe after waiting for a check slot).
 FINISH_TIMEOUT = (10, 900)
 # Answers to a PATCH after which the next try starts from the server's Upload-Offset:
-# a wrong offset, a piece that arrived damaged, a busy or restarting server behind a proxy.
-TRY_AGAIN = (409, 423, 460, 502, 503, 504)
+# a piece that arrived damaged, a restarting server behind a proxy (counted as breaks),
+# and a conflict: another request holds the upload (the one a break cut off, not yet ended
+# on the server's side, or the last piece, being checked) or moved its offset.
+TRY_AGAIN = (460, 502, 503, 504)
+CONFLICT = (409, 423)
+# A conflict means the server is there and busy with the upload: tried again at once, then
+# every 2 seconds, for as long as the server may take to check the last piece.
+CONFLICT_TRIES = FINISH_TIMEOUT[1] // 2
+
+
+class Conflict(Broken):
+    """409 or 423 to a piece: the upload is busy elsewhere, or at another offset."""
 
 
 def encode_metadata(fields):
@@ -170,20 +181,45 @@ def create(server, size, name, namespace, sha256):
     return urljoin(response.url, response.headers["Location"])
 
 
+def answer_of(server, response):
+    """(Upload-Offset, Image-Location or None) of a 204 to a PATCH; Conflict or Broken for
+    an answer after which the next try goes on from the server's offset."""
+    if response.status_code != 204:
+        kind = Conflict if response.status_code in CONFLICT else Broken
+        raise kind(str(error_of(response, server.token)))
+    return int(response.headers["Upload-Offset"]), response.headers.get("Image-Location")
+
+
+def patch(server, url, offset, body=b"", checksum=None, timeout=TIMEOUT):
+    """PATCH body at offset; its answer_of."""
+    headers = {**TUS, "Content-Type": "application/offset+octet-stream",
+               "Upload-Offset": str(offset)}
+    if checksum:
+        headers["Upload-Checksum"] = checksum
+    response = server.send("PATCH", url, expect=(204, *TRY_AGAIN, *CONFLICT), headers=headers,
+                           data=body, timeout=timeout)
+    return answer_of(server, response)
+
+
 def send_piece(server, url, pieces, offset, length, size, progress):
     """PATCH one piece: (the new Upload-Offset, Image-Location once the image is stored)."""
-    fd = pieces.fd
     next_length = min(length, size - offset - length)
-    headers = {**TUS, "Content-Type": "application/offset+octet-stream",
-               "Upload-Offset": str(offset),
-               "Upload-Checksum": pieces.get(offset, length, next_length)}
-    last = offset + length == size
-    response = server.send("PATCH", url, expect=(204, *TRY_AGAIN), headers=headers,
-                           data=PieceBody(fd, offset, length, progress),
-                           timeout=FINISH_TIMEOUT if last else TIMEOUT)
-    if response.status_code != 204:
-        raise Broken(str(error_of(response, server.token)))
-    return int(response.headers["Upload-Offset"]), response.headers.get("Image-Location")
+    return patch(server, url, offset, PieceBody(pieces.fd, offset, length, progress),
+                 pieces.get(offset, length, next_length),
+                 FINISH_TIMEOUT if offset + length == size else TIMEOUT)
+
+
+def resume_point(server, url, size):
+    """Where to go on after a break: the server's offset (HEAD), once the upload is free.
+    An empty PATCH at that offset asks; the server answers it 409 while the broken request
+    still holds the upload, which would have cost a whole piece's bytes sent for nothing."""
+    where_now = probe(server, url)
+    if where_now is None:
+        raise ServerError(410, {"message": "the upload is gone (expired?)"})
+    offset, location = where_now
+    if location or offset >= size:
+        return offset, location
+    return patch(server, url, offset)
 
 
 def wait_for_image(server, url, deadline=FINISH_TIMEOUT[1]):
@@ -200,19 +236,17 @@ def wait_for_image(server, url, deadline=FINISH_TIMEOUT[1]):
     raise ClientError("the server did not finish checking the upload in time")
 
 
-def send_pieces(server, url, fd, start, size, piece_size, retries, progress):
-    """Send the file from start on, piece after piece; after a break, ask the server where
-    it stands and go on from there. Returns the image's URL."""
+def send_pieces(server, url, fd, size, piece_size, retries, progress, new=True):
+    """Send the file, piece after piece, from the start of a new upload, else from where the
+    server stands; the same after each break. Returns the image's URL."""
     attempts, pieces = Retries(retries, progress), Checksums(fd)
-    offset, location, known = start, None, True
+    conflicts = Retries(CONFLICT_TRIES, pauses=lambda failures: 0 if failures == 1 else 2)
+    offset, location, known = 0, None, new
     try:
         while True:
             try:
                 if not known:
-                    where_now = probe(server, url)
-                    if where_now is None:
-                        raise ServerError(410, {"message": "the upload is gone (expired?)"})
-                    (offset, location), known = where_now, True
+                    (offset, location), known = resume_point(server, url, size), True
                     progress.rewind(offset)
                 if location:
                     return location
@@ -222,6 +256,10 @@ def send_pieces(server, url, fd, start, size, piece_size, retries, progress):
                 length = min(piece_size, size - offset)
                 offset, location = send_piece(server, url, pieces, offset, length, size, progress)
                 attempts.ok()
+                conflicts.ok()
+            except Conflict as error:
+                conflicts.failed(error)
+                known = False
             except Broken as error:
                 attempts.failed(error)
                 known = False
@@ -252,13 +290,13 @@ def check_name_free(server, name, namespace):
 
 
 def start(server, saved, path, stat, name, namespace, quiet):
-    """(upload URL, offset, image URL or None) to go on from: the saved upload while the
-    server still has it, else a new one."""
+    """(upload URL, whether it is new, its offset): the saved upload while the server still
+    has it, else a new one."""
     record = saved.load()
     if record.get("url"):
         where_now = probe(server, record["url"])
         if where_now is not None:
-            return record["url"], *where_now
+            return record["url"], False, where_now[0]
         print("imagestore: the earlier upload of this file is gone; starting again",
               file=sys.stderr)
     check_name_free(server, name, namespace)
@@ -266,7 +304,7 @@ def start(server, saved, path, stat, name, namespace, quiet):
     saved.save({"sha256": sha256})
     url = create(server, stat.st_size, name, namespace, sha256)
     saved.save({"sha256": sha256, "url": url})
-    return url, 0, None
+    return url, True, 0
 
 
 def push(server, config, file, name, namespace=None, piece_size=PIECE_SIZE, quiet=False):
@@ -277,13 +315,12 @@ def push(server, config, file, name, namespace=None, piece_size=PIECE_SIZE, quie
     path, stat = regular_file(file)
     saved = SavedUpload(config.state, server.base, path, stat, name, namespace)
     with saved.locked():
-        url, offset, location = start(server, saved, path, stat, name, namespace, quiet)
+        url, new, offset = start(server, saved, path, stat, name, namespace, quiet)
         try:
-            if location is None:
-                with open(path, "rb") as body, \
-                        Progress("pushed", stat.st_size, offset, quiet) as progress:
-                    location = send_pieces(server, url, body.fileno(), offset, stat.st_size,
-                                           piece_size, config.retries, progress)
+            with open(path, "rb") as body, \
+                    Progress("pushed", stat.st_size, offset, quiet) as progress:
+                location = send_pieces(server, url, body.fileno(), stat.st_size, piece_size,
+                                       config.retries, progress, new)
         except ServerError as error:
             if error.status in (400, 404, 410):  # refused at the end, or gone: nothing to resume
                 saved.remove()

@@ -14,8 +14,8 @@ def pause(failures):
 class Retries:
     """Counts failures in a row; `ok()` after progress starts the count again."""
 
-    def __init__(self, limit, progress=None):
-        self.limit, self.failures, self.progress = limit, 0, progress
+    def __init__(self, limit, progress=None, pauses=pause):
+        self.limit, self.failures, self.progress, self.pauses = limit, 0, progress, pauses
 
     def ok(self):
         self.failures = 0
@@ -27,4 +27,4 @@ class Retries:
             raise error
         if self.progress is not None:
             self.progress.resumed()
-        time.sleep(pause(self.failures))
+        time.sleep(self.pauses(self.failures))

@@ -273,6 +273,8 @@ class S3Storage:
     @contextlib.contextmanager
     def upload_piece(self, upload_id, state, offset):
         """A staged file for the piece, holding the tail (if any) first."""
+        if "multipart" not in state:  # begin_upload's state was never recorded (a crash)
+            raise UploadGone(f"upload {upload_id} has no multipart upload")
         with self.staging() as staged:
             tail = offset - state["parts_end"]
             if tail:

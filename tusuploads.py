@@ -24,7 +24,7 @@ from datetime import timedelta
 from digests import MISMATCH, parse_sha256_hex
 from errors import ApiError, ValidationError, not_found
 from image_changes import create_image, plan_upload
-from models import Image, Upload, utcnow
+from models import Image, Upload, unsynced_write, utcnow
 from qcow2 import HEADER_READ_SIZE, ImageRefused, check_header_start, inspect_qcow2
 from resumablehash import AVAILABLE, ResumableSha256, file_sha256
 from storage import StorageUnavailable, UploadGone
@@ -311,10 +311,11 @@ def _header_check(upload, limits):
 def _advance(upload, size, state, digests, storage):
     """Record size more bytes as kept: one UPDATE that counts only if the offset is still
     the one the piece started at. The row gone meanwhile (DELETE, sweep) is a 404."""
-    updated = Upload.update(
-        offset=upload.offset + size, state=json.dumps(state), hash_state=digests.saved_state(),
-        head=digests.head(),
-    ).where(Upload.id == upload.id, Upload.offset == upload.offset).execute()
+    with unsynced_write():  # a crash may lose it: the piece is sent again (models.py)
+        updated = Upload.update(
+            offset=upload.offset + size, state=json.dumps(state),
+            hash_state=digests.saved_state(), head=digests.head(),
+        ).where(Upload.id == upload.id, Upload.offset == upload.offset).execute()
     if not updated:
         storage.abort_upload(upload.id, state)  # what this piece added after the DELETE
         raise not_found()

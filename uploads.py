@@ -221,6 +221,7 @@ def receive_body(stream, out, max_size, expected_length=None, watch=None, check_
     digest = HashOnTheSide(ring, hasher)
     reader = BodyReader(stream, max_size, watch)
     size = written_back = 0
+    origin = out.tell()
     try:
         while True:
             buffer = take_buffer(ring)
@@ -236,7 +237,8 @@ def receive_body(stream, out, max_size, expected_length=None, watch=None, check_
             digest.update(buffer, length)
             write_or_507(out, view[:length])
             if size - written_back >= WRITEBACK_STEP:
-                start_writeback(out.fileno(), written_back, size - written_back)
+                # At the file's own offsets: a tus piece is written after the ones before.
+                start_writeback(out.fileno(), origin + written_back, size - written_back)
                 written_back = size
             if watch:
                 watch.progress()

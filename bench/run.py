@@ -39,6 +39,7 @@ OUT = ROOT / "bench" / "out"
 DOCS_CHART = ROOT / "docs" / "benchmarks-throughput.png"
 sys.path.insert(0, str(ROOT))  # the project's modules, for inspection and the list page
 import refusal  # noqa: E402 - bench/refusal.py, next to this script
+import resumable  # noqa: E402 - bench/resumable.py, next to this script
 
 from harness import (  # noqa: E402 - found through the line above
     child_pids,
@@ -64,11 +65,13 @@ def settings(args):
     if args.quick:
         return {"sizes": [8 * MiB, 32 * MiB], "reps": args.reps or 1, "list_sizes": (1000, 5000),
                 "wrk_seconds": 1, "wrk_reps": args.reps or 1, "inspect_reps": 3,
-                "refusal_sizes": (256 * MiB, 4 * MiB), "refusal_reps": args.reps or 2}
+                "refusal_sizes": (256 * MiB, 4 * MiB), "refusal_reps": args.reps or 2,
+                "resumable": (64 * MiB, 8 * MiB), "resumable_reps": args.reps or 1}
     return {"sizes": [16 * MiB, 64 * MiB, 256 * MiB, GiB], "reps": args.reps or 5,
             "list_sizes": (1000, 100_000), "wrk_seconds": 3, "wrk_reps": args.reps or 5,
             "inspect_reps": 9, "refusal_sizes": (4 * GiB, 4 * MiB),
-            "refusal_reps": args.reps or 5}
+            "refusal_reps": args.reps or 5,
+            "resumable": (GiB, 64 * MiB), "resumable_reps": args.reps or 5}
 
 
 def human_size(n):
@@ -550,6 +553,39 @@ def bench_refusal(cfg, work, server, token):
     return results
 
 
+# ---------------------------------------------------------------- resumable uploads
+
+
+def bench_resumable(cfg, work, server, token):
+    """A tus upload in pieces against a single POST /images of the same file, in pairs
+    taking turns (bench/resumable.py); the page cache is warmed before each, and the image
+    removed after. Returns {"size", "piece", "post": [rates], "tus": [rates]}."""
+    size, piece = cfg["resumable"]
+    path = make_qcow2(work / "resumable.qcow2", size)
+    auth = {"Authorization": f"Bearer {token}"}
+    results = {"size": path.stat().st_size, "piece": piece, "post": [], "tus": []}
+    for rep in range(cfg["resumable_reps"]):
+        for way in ("post", "tus") if rep % 2 == 0 else ("tus", "post"):
+            warm_page_cache(work, size)
+            name = f"resumable-{rep}-{way}"
+            seconds, image_id = (resumable.single_post(server.port, auth, path, name)
+                                 if way == "post" else
+                                 resumable.tus_upload(server.port, auth, path, name, piece))
+            results[way].append(results["size"] / seconds)
+            resumable.remove(server.port, auth, image_id)
+        print(f"    rep {rep + 1}: POST /images {results['post'][-1] / MiB:.0f}, tus in "
+              f"{human_size(piece)} pieces {results['tus'][-1] / MiB:.0f} MiB/s", flush=True)
+    path.unlink()
+    return results
+
+
+def resumable_rows(rs):
+    size, piece = human_size(cfg_size(rs["size"])), human_size(rs["piece"])
+    return [(f"resumable upload {size} in {piece} pieces (tus `PATCH /uploads/:id`)",
+             fmt_rate(rs["tus"]), f"single `POST /images`: {fmt_rate(rs['post'])}",
+             ratio(rs["tus"], rs["post"]), pair_goal(rs["tus"], rs["post"], 0.9))]
+
+
 # ---------------------------------------------------------------- inspection
 
 
@@ -916,6 +952,8 @@ def table(results):
         rows += transfer_rows(results["transfers"])
     if "refusal" in results:
         rows += refusal_rows(results["refusal"], results["settings"]["refusal_sizes"])
+    if "resumable" in results:
+        rows += resumable_rows(results["resumable"])
     if "inspection" in results:
         rows += inspection_rows(results["inspection"])
     if "list" in results:
@@ -986,7 +1024,7 @@ def report(results, command):
 # ---------------------------------------------------------------- main
 
 
-PARTS = ("transfers", "refusal", "inspection", "list")
+PARTS = ("transfers", "refusal", "resumable", "inspection", "list")
 
 
 def parse_args():
@@ -1025,6 +1063,9 @@ def run_parts(cfg, parts, results):
         if "refusal" in parts:
             print("early refusal of hostile uploads", flush=True)
             results["refusal"] = bench_refusal(cfg, work, store, token)
+        if "resumable" in parts:
+            print("resumable upload (tus) against POST /images", flush=True)
+            results["resumable"] = bench_resumable(cfg, work, store, token)
         if "inspection" in parts:
             print("inspection", flush=True)
             results["inspection"] = bench_inspection(cfg, work)

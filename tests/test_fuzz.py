@@ -24,6 +24,10 @@ ACCEPTS = st.sampled_from([None, "*/*", "application/json", "application/octet-s
                            "text/html", "application/*;q=0"])
 
 
+# A tus piece (PATCH /uploads/:id) is raw bytes, as an application/octet-stream body is.
+schemathesis.serializer.alias("application/offset+octet-stream", "application/octet-stream")
+
+
 @dataclass
 class Target:
     url: str

@@ -17,6 +17,7 @@ import sample_images
 from conftest import local_store
 
 import tusuploads
+from config import load_config
 from models import Image, Namespace, Upload, db, utcnow
 from uploadlocks import upload_lock
 
@@ -543,3 +544,15 @@ def test_without_a_saved_hash_state_the_file_is_hashed_at_the_end(client, alice,
     assert Upload.get_by_id(path.rsplit("/", 1)[1]).hash_state is None
     image = client.get(last.headers["Image-Location"], headers=alice.headers).get_json()
     assert image["sha256"] == hashlib.sha256(qcow2_bytes).hexdigest()
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("24h", 86400), ("90m", 5400), ("2d", 172800),
+                                               ("45s", 45), ("3600", 3600), ("", 86400)])
+def test_upload_expiry_is_a_duration(tmp_path, text, seconds):
+    assert load_config(str(tmp_path), {"UPLOAD_EXPIRY": text})["UPLOAD_EXPIRY"] == seconds
+
+
+@pytest.mark.parametrize("text", ["0", "1w", "-5", "soon"])
+def test_an_upload_expiry_that_is_no_duration_is_refused(tmp_path, text):
+    with pytest.raises(ValueError, match="not a duration"):
+        load_config(str(tmp_path), {"UPLOAD_EXPIRY": text})

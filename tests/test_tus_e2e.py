@@ -153,22 +153,36 @@ def test_a_worker_killed_between_pieces_or_in_one_loses_nothing_kept(server, ima
     status, head, _ = tus_request(server, "PATCH", upload, piece_headers(0), data[:2 * MIB])
     assert (status, header(head, "Upload-Offset")) == (204, str(2 * MIB))
     kill_workers(server)
-
-    # Half of the next piece, then every worker dies while it is being written.
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
-    sock.sendall(request_head(server, "PATCH", upload, piece_headers(2 * MIB), 2 * MIB)
-                 + data[2 * MIB:3 * MIB + 500_000])
-    part = server.instance / "images" / ".uploads" / f"{upload.rsplit('/', 1)[1]}.part"
-    assert wait_for(lambda: part.stat().st_size > 2 * MIB)  # some of it is on disk
-    kill_workers(server)
-    sock.close()
-
-    status, head, _ = tus_request(server, "HEAD", upload)
-    assert (status, header(head, "Upload-Offset")) == (200, str(2 * MIB))
+    kill_mid_piece(server, upload, data, 2 * MIB)
     status, head, _ = tus_request(server, "PATCH", upload, piece_headers(2 * MIB), data[2 * MIB:])
     assert status == 204
     stored = get_json(server, header(head, "Image-Location").removeprefix(server.url))
     assert stored["sha256"] == sha256
+
+
+def kill_mid_piece(server, upload, data, offset):
+    """Half of the piece at offset, then every worker dies while it is being written; the
+    upload is where it was."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    sock.sendall(request_head(server, "PATCH", upload, piece_headers(offset), 2 * MIB)
+                 + data[offset:offset + MIB + 500_000])
+    part = server.instance / "images" / ".uploads" / f"{upload.rsplit('/', 1)[1]}.part"
+    assert wait_for(lambda: part.stat().st_size > offset)  # some of it is on disk
+    kill_workers(server)
+    sock.close()
+    status, head, _ = tus_request(server, "HEAD", upload)
+    assert (status, header(head, "Upload-Offset")) == (200, str(offset))
+
+
+def test_on_postgresql_the_lock_of_a_killed_worker_dies_with_it(pg_schemas, image, tmp_path):
+    """The upload's lock is a session advisory lock there: the killed worker's connection
+    ends, and with it the lock, so the piece sent again is taken, not refused."""
+    data = image[0].read_bytes()
+    with server_with_account(tmp_path, "alice", {"DATABASE_URL": pg_schemas.new()}) as server:
+        upload = new_upload(server, len(data), "pg")
+        kill_mid_piece(server, upload, data, 0)
+        status, _, body = tus_request(server, "PATCH", upload, piece_headers(0), data)
+        assert status == 204, body
 
 
 def test_a_hostile_header_is_refused_before_the_rest_of_the_piece_is_sent(server, tmp_path):

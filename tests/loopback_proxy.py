@@ -19,11 +19,13 @@ DEADLINE = 60  # seconds a test's condition is waited for before the test fails
 
 
 class Cut(Exception):
-    """Raised by a hook: pass `forward` on, then close both connections."""
+    """Raised by a hook: pass `forward` on, then close both connections; with linger, the
+    client's at once and the server's once linger() returns (a link that drops is seen by
+    one side first)."""
 
-    def __init__(self, forward=b""):
+    def __init__(self, forward=b"", linger=None):
         super().__init__("cut")
-        self.forward = forward
+        self.forward, self.linger = forward, linger
 
 
 @dataclass
@@ -159,8 +161,11 @@ class LoopbackProxy:
                 length -= len(data)
                 self.forward(data, server, exchange, self.on_request_body, "sent")
                 data = rest
-        except Cut:
-            hang_up(client, server)
+        except Cut as cut:
+            hang_up(client)
+            if cut.linger:
+                cut.linger()
+            hang_up(server)
         except OSError:  # the other side went away: so does this one
             return
 
@@ -189,15 +194,16 @@ def hang_up(*socks):
             sock.shutdown(socket.SHUT_RDWR)
 
 
-def cut_once_after(count, when=lambda exchange: exchange.is_file):
-    """A hook that cuts the first exchange matching `when` after count body bytes."""
+def cut_once_after(count, when=lambda exchange: exchange.is_file, linger=None):
+    """A hook that cuts the first exchange matching `when` after count body bytes (see Cut
+    for linger)."""
     state = {"done": False}
 
     def hook(exchange, block, position):
         if state["done"] or not when(exchange) or position + len(block) < count:
             return block
         state["done"] = True
-        raise Cut(block[:count - position])
+        raise Cut(block[:count - position], linger)
 
     return hook
 

@@ -90,6 +90,8 @@ def test_names_are_found_in_their_namespace_only(imagestore, client_server, tmp_
     inside = imagestore("link", "nsimage", "--namespace", "team", "--json")
     assert inside.returncode == 0, inside.stderr
     assert "/links/" in json.loads(inside.stdout)["url"]
+    listed = imagestore("ls", "--namespace", "team", "--json")
+    assert [i["id"] for i in json.loads(listed.stdout)] == [image["id"]]
     assert imagestore("rm", "nsimage", "--namespace", "team@alice").stdout == (
         f"deleted {image['id']} nsimage\n")
 

@@ -54,6 +54,12 @@ def test_a_setting_of_the_wrong_type_is_a_usage_error(home):
         load_config({})
 
 
+def test_a_server_url_must_be_http_or_https(home):
+    with pytest.raises(UsageError, match=r"^the server's URL must start with http:// or "
+                                         r"https://: 'localhost:8000' \(from IMAGESTORE_URL\)$"):
+        load_config({"IMAGESTORE_URL": "localhost:8000"})
+
+
 def test_a_changed_file_is_a_new_push_and_the_same_one_resumes(tmp_path):
     disk = tmp_path / "disk.qcow2"
     disk.write_bytes(b"one")

@@ -96,6 +96,27 @@ def test_a_broken_push_is_resumed_by_the_next_run(imagestore, proxy, client_serv
     assert uploads_state(imagestore) == []
 
 
+def test_after_a_break_no_piece_is_sent_into_a_409(imagestore, proxy, client_server,
+                                                    tmp_path):
+    """The cut reaches the client at once and the server later, as when a link drops: until
+    then the broken request holds the upload, and the server answers 409. The client asks
+    with an empty PATCH first, so no byte of a piece goes into that 409."""
+    disk = make_disk(tmp_path, 12)
+
+    def conflict_seen():
+        proxy.wait_for(lambda exchanges: any(e.status == 409 for e in exchanges))
+
+    proxy.on_request_body = cut_once_after(
+        MiB, lambda e: e.method == "PATCH" and e.request_headers["upload-offset"] == str(PIECE),
+        linger=conflict_seen)
+    done = imagestore("push", disk, "after-409", "--piece-size", "4M")
+    assert done.returncode == 0, done.stderr
+    assert stored(client_server, done.stdout.strip())["sha256"] == sha256_of(disk)
+    refused = [e for e in patches(proxy.exchanges) if e.status == 409]
+    assert refused and all(e.request_headers["content-length"] == "0" for e in refused)
+    assert sum(e.sent for e in patches(proxy.exchanges)) == disk.stat().st_size + MiB
+
+
 def test_a_taken_name_is_refused_before_the_file_is_read(imagestore, proxy, tmp_path,
                                                          pulled_image):
     refused = imagestore("push", make_disk(tmp_path, 1), "pulled")

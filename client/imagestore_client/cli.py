@@ -13,7 +13,7 @@ from imagestore_client.errors import INTERRUPTED, NETWORK, ClientError, UsageErr
 from imagestore_client.progress import human
 from imagestore_client.pull import Cache, pull
 from imagestore_client.push import PIECE_SIZE, push
-from imagestore_client.server import Server, find_image
+from imagestore_client.server import Server, find_image, in_namespace
 
 SIZE = re.compile(r"([0-9]+)([KMG]?)(?:i?B)?", re.IGNORECASE)
 EXIT_CODES = """exit codes: 0 done; 1 the server refused (its message is printed); 2 usage or
@@ -48,7 +48,9 @@ def run_ls(server, config, args):
     params = {"search": args.search} if args.search else {}
     if args.namespace is not None:
         params["namespace"] = args.namespace
-    images = list(server.pages("/images", params))
+    # Checked here too, as find_image does, for a server without the exact filters.
+    images = [image for image in server.pages("/images", params)
+              if args.namespace is None or in_namespace(image, args.namespace)]
     if args.json:
         print(json.dumps(images, indent=2))
         return

@@ -82,6 +82,11 @@ def load_config(env=None):
             settings[key], source[key] = env[variable], variable
     if not settings.get("url"):
         raise UsageError(f"no server configured: set IMAGESTORE_URL, or url in {path}")
+    if not settings["url"].startswith(("http://", "https://")):
+        raise UsageError(f"the server's URL must start with http:// or https://: "
+                         f"{settings['url']!r} (from {source['url']})")
+    if settings.get("retries", 0) < 0:
+        raise UsageError(f"{path}: retries must be 0 or more")
     cache = settings.get("cache") or xdg_folder(env, "XDG_CACHE_HOME", ".cache") / "imagestore"
     return Config(url=settings["url"].rstrip("/"), token=settings.get("token") or None,
                   cache=Path(cache).expanduser(),

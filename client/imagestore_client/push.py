@@ -40,8 +40,14 @@ FINISH_TIMEOUT = (10, 900)
 TRY_AGAIN = (460, 502, 503, 504)
 CONFLICT = (409, 423)
 # A conflict means the server is there and busy with the upload: tried again at once, then
+# after 0.25, 0.5 and 1 second (a broken request ends on the server within moments), then
 # every 2 seconds, for as long as the server may take to check the last piece.
 CONFLICT_TRIES = FINISH_TIMEOUT[1] // 2
+
+
+def conflict_pause(failures):
+    """Seconds to wait before asking again after this many conflicts in a row."""
+    return 0 if failures <= 1 else min(2, 0.25 * 2 ** (failures - 2))
 
 
 class Conflict(Broken):
@@ -157,12 +163,20 @@ class SavedUpload:
             yield
 
 
+def where_upload_is(response):
+    """(Upload-Offset, Image-Location or None) of an answer about an upload."""
+    offset = response.headers.get("Upload-Offset", "")
+    if not offset.isdigit():
+        raise ClientError(f"the server's answer ({response.status_code}) has no Upload-Offset")
+    return int(offset), response.headers.get("Image-Location")
+
+
 def probe(server, url):
     """(Upload-Offset, Image-Location or None) of an upload; None when it is gone."""
     response = server.send("HEAD", url, expect=(200, 204, 404, 410), headers=TUS)
     if response.status_code in (404, 410):
         return None
-    return int(response.headers["Upload-Offset"]), response.headers.get("Image-Location")
+    return where_upload_is(response)
 
 
 def create(server, size, name, namespace, sha256):
@@ -187,7 +201,7 @@ def answer_of(server, response):
     if response.status_code != 204:
         kind = Conflict if response.status_code in CONFLICT else Broken
         raise kind(str(error_of(response, server.token)))
-    return int(response.headers["Upload-Offset"]), response.headers.get("Image-Location")
+    return where_upload_is(response)
 
 
 def patch(server, url, offset, body=b"", checksum=None, timeout=TIMEOUT):
@@ -240,7 +254,7 @@ def send_pieces(server, url, fd, size, piece_size, retries, progress, new=True):
     """Send the file, piece after piece, from the start of a new upload, else from where the
     server stands; the same after each break. Returns the image's URL."""
     attempts, pieces = Retries(retries, progress), Checksums(fd)
-    conflicts = Retries(CONFLICT_TRIES, pauses=lambda failures: 0 if failures == 1 else 2)
+    conflicts = Retries(CONFLICT_TRIES, pauses=conflict_pause)
     offset, location, known = 0, None, new
     try:
         while True:

@@ -66,6 +66,15 @@ def error_of(response, token):
     return error
 
 
+def json_of(response):
+    """The JSON body of an answer; an error naming the status when it is not JSON."""
+    try:
+        return response.json()
+    except ValueError:
+        raise ServerError(response.status_code, {"message": "the answer is not JSON"},
+                          response.reason) from None
+
+
 class Server:
     """The configured server: requests to it carry the token; to anyone else they do not."""
 
@@ -94,24 +103,22 @@ class Server:
                                             **options)
         except TRANSIENT as error:
             raise broken(url, error) from None
+        except requests.RequestException as error:  # a URL requests cannot use, and the like
+            raise NetworkError(f"{url}: {cause(error)}") from None
         if response.status_code not in expect:
             raise error_of(response, self.token)
         return response
 
     def json(self, method, target, expect=(200,), **options):
         """The JSON of an answer."""
-        response = self.send(method, target, expect, **options)
-        try:
-            return response.json()
-        except ValueError:
-            raise ServerError(response.status_code, {"message": "answer is not JSON"}) from None
+        return json_of(self.send(method, target, expect, **options))
 
     def pages(self, target, params=None):
         """Every item of a list, page after page, following the Link header's next."""
         url = self.url(target)
         while url:
             response = self.send("GET", url, params=params)
-            yield from response.json()
+            yield from json_of(response)
             url, params = response.links.get("next", {}).get("url"), None
 
 

@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import sys
+from urllib.parse import urljoin
 
 from imagestore_client.errors import ClientError, IntegrityError
 from imagestore_client.progress import Progress
@@ -127,8 +128,9 @@ def open_download(server, image, sha256, have):
             return response
         response.close()
         headers.pop("If-Range", None)
-        response = server.send("GET", response.headers["Location"], expect=(200, 206, *REDIRECTS),
-                               headers=headers, stream=True, allow_redirects=False)
+        location = urljoin(response.url, response.headers.get("Location", ""))
+        response = server.send("GET", location, expect=(200, 206, *REDIRECTS), headers=headers,
+                               stream=True, allow_redirects=False)
     raise ClientError(f"too many redirects for image {image['id']}")
 
 
@@ -149,6 +151,7 @@ def fetch_once(server, image, sha256, partial, progress):
         try:
             for block in response.iter_content(PIECE):
                 if partial.size + len(block) > image["size"]:
+                    partial.discard()
                     raise IntegrityError(f"the server sent more than image {image['id']}'s "
                                          f"{image['size']} bytes")
                 partial.write(block)

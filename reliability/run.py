@@ -1510,6 +1510,7 @@ class QuotaWatch:
     def __init__(self, service, quotas, figures):
         self.service, self.quotas, self.figures = service, quotas, figures
         self.samples, self.shows, self.fullest = 0, 0, {label: (0, 0) for label in quotas}
+        self.over = Counter()  # (label, where): samples that found the quota past its limit
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self.sample), threading.Thread(target=self.show)]
 
@@ -1532,10 +1533,14 @@ class QuotaWatch:
             self.shows += 1
 
     def judge(self, uses, where):
+        """Note how full each quota is; an error the first time one is found past its limit
+        (by where), and a count of the samples that found it so."""
         for label, use in uses.items():
             self.fullest[label] = tuple(map(max, self.fullest[label], use))
             if past := over_limit(use, self.quotas[label]):
-                self.figures.error(f"{where}: {label} holds {past}")
+                self.over[label, where] += 1
+                if self.over[label, where] == 1:
+                    self.figures.error(f"{where}: {label} holds {past}")
 
     def __enter__(self):
         for thread in self.threads:
@@ -1546,6 +1551,9 @@ class QuotaWatch:
         self.stop.set()
         for thread in self.threads:
             thread.join()
+        for (label, where), samples in self.over.items():
+            self.figures.notes.append(f"{samples} samples of {where} found {label} past its "
+                                      f"limit")
 
 
 def scrape(service):
@@ -1722,6 +1730,8 @@ def check_quota_windows(ledger, quotas, figures):
     deleted = {s.image_id: s for s in ledger if s.method == "DELETE" and s.status == 204}
     stored = {label: [s for s in ledger if s.outcome == "stored" and label in s.quotas]
               for label in quotas}
+    if not any(s.outcome in QUOTA_OUTCOMES for s in ledger):
+        figures.error("no quota ever refused an upload: the load never reached the limits")
     decided = raced = 0
     for upload in ledger:
         if not upload.quotas or upload.outcome not in {"stored", *QUOTA_OUTCOMES}:

@@ -1118,7 +1118,7 @@ ROLES = (
     Role("bob", (("", "bob", ()),), ("bob",), "bob",
          {"good": 3, "chunked": 1, "hostile": 3, "cut": 1, "cut_chunked": 1, "taken": 1,
           "bad_name": 1, "too_large": 1, "bad_token": 1, "file": 2, "range": 1,
-          "conditional": 1, "link": 1, "delete": 2, "list": 1}),
+          "conditional": 1, "head": 1, "bad_range": 1, "link": 1, "delete": 2, "list": 1}),
     Role("carol", (("", "carol", ("user carol",)), ("proj", "carol", ("user carol",))),
          ("carol",), None, {"good": 4, "chunked": 1, "cut": 1, "file": 1, "range": 1, "list": 1}),
     Role("dave", (("", "dave", ("user dave",)), ("team", "team", DAVE_AND_TEAM)),
@@ -1371,15 +1371,18 @@ class CountsRun:
             sent.sent = int(answer.headers["Content-Length"])
         return True
 
-    def download(self, role, rng, expected, headers=lambda digest: {}):
-        """A GET of a file the role reads, headers(its sha256) added to Accept."""
+    def download(self, role, rng, expected, headers=lambda digest: {}, method="GET",
+                 via="file"):
+        """A GET of a file the role reads (a download via "file", as /metrics counts it),
+        headers(its sha256) added to Accept."""
         if (picked := self.pick(role, rng)) is None:
             return
         image_id, digest = picked
-        sent = Sent(IMAGE, "GET", via="file", image_id=image_id)
+        sent = Sent(IMAGE, method, via=via if method == "GET" else "", image_id=image_id)
         answer = self.call(sent, f"/images/{image_id}", role.user,
                            headers={"Accept": DISK, **headers(digest)})
-        if (self.judge(sent, answer, expected, digest if expected == 200 else None)
+        whole = expected == 200 and method == "GET"
+        if (self.judge(sent, answer, expected, digest if whole else None)
                 and expected == 206 and len(answer.body) != 4096):
             self.figures.error(f"range of {image_id}: {len(answer.body)} bytes")
 
@@ -1391,6 +1394,14 @@ class CountsRun:
 
     def step_conditional(self, role, name, rng):
         self.download(role, rng, 304, lambda digest: {"If-None-Match": f'"{digest}"'})
+
+    def step_head(self, role, name, rng):
+        """A HEAD of a file: its headers, no file read, so no download to count."""
+        self.download(role, rng, 200, method="HEAD")
+
+    def step_bad_range(self, role, name, rng):
+        """A Range past the end: 416, no file read, so no download to count."""
+        self.download(role, rng, 416, lambda digest: {"Range": "bytes=99999999-"}, via="")
 
     def step_link(self, role, name, rng):
         """A signed link made, then followed without a token."""

@@ -40,13 +40,16 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
+import psycopg2
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' image makers, for hostile uploads
 import sample_images  # noqa: E402 - found through the lines above
+from db_fixtures import PostgresSchemas  # noqa: E402
 
 from harness import LiveServer  # noqa: E402
 
@@ -142,10 +145,53 @@ def incoming(store):
     return list(folder.iterdir()) if folder.exists() else []
 
 
+def libpq_url(url):
+    """A DATABASE_URL as libpq reads it: a "+" in its query (a space to Python's parsers, and
+    so to the service's) written %20."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(query=urlencode(parse_qsl(parts.query), quote_via=quote)))
+
+
+class Reader:
+    """Reads of a service's database from outside: its SQLite file, opened read-only, or the
+    PostgreSQL of its DATABASE_URL. Each snapshot() is one transaction, which sees the state
+    of one moment (SQLite's read transaction, PostgreSQL's REPEATABLE READ)."""
+
+    def __init__(self, service):
+        url = service.env.get("DATABASE_URL")
+        if url:
+            self.conn, self.mark = psycopg2.connect(libpq_url(url)), "%s"
+            self.conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        else:
+            self.conn, self.mark = sqlite3.connect(f"file:{service.database}?mode=ro", uri=True,
+                                                   isolation_level=None), "?"
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        """query(sql, args) -> rows, for the block; sql marks its arguments with ?."""
+        cursor = self.conn.cursor()
+        if self.mark == "?":
+            cursor.execute("BEGIN")
+        try:
+            yield lambda sql, args=(): (cursor.execute(sql.replace("?", self.mark), args),
+                                        cursor.fetchall())[1]
+        finally:
+            if self.mark == "?":
+                cursor.execute("COMMIT")
+            else:
+                self.conn.rollback()  # nothing written: the transaction just ends
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.conn.close()
+
+
 def audit(service):
     """Compare the database's rows with the store's files and its temporary folder."""
-    with contextlib.closing(sqlite3.connect(f"file:{service.database}?mode=ro", uri=True)) as db:
-        rows = dict(db.execute("SELECT storage_key, sha256 FROM image").fetchall())
+    with Reader(service) as db, db.snapshot() as query:
+        rows = dict(query("SELECT storage_key, sha256 FROM image"))
     store = service.store
     files = {p.name[:-len(".qcow2")] for p in store.glob("*.qcow2")}
     temp = incoming(store)
@@ -1476,20 +1522,11 @@ USE_OF_TREE = ('SELECT COALESCE(SUM(size), 0), COUNT(*) FROM image WHERE namespa
                'WHERE r.parent_id IS NULL AND r.path = ? AND u.username = ?)')
 
 
-def read_only(service):
-    """A read-only connection to the service's SQLite database; transactions are ours."""
-    return contextlib.closing(sqlite3.connect(f"file:{service.database}?mode=ro", uri=True,
-                                              isolation_level=None))
-
-
 def quota_use(db, labels):
     """{label: (bytes, images)} as quotas.py counts them (a user's images wherever they are,
-    a root's whole tree), all read in one transaction: the state of one moment."""
-    db.execute("BEGIN")
-    try:
-        return {label: db.execute(*use_query(label)).fetchone() for label in labels}
-    finally:
-        db.execute("COMMIT")
+    a root's whole tree), all read in one snapshot of db (a Reader): one moment's state."""
+    with db.snapshot() as query:
+        return {label: tuple(int(n) for n in query(*use_query(label))[0]) for label in labels}
 
 
 def use_query(label):
@@ -1526,10 +1563,13 @@ class QuotaWatch:
         self.threads = [threading.Thread(target=self.sample), threading.Thread(target=self.show)]
 
     def sample(self):
-        with read_only(self.service) as db:
-            while not self.stop.wait(0.05):
-                self.judge(quota_use(db, self.quotas), "the database")
-                self.samples += 1
+        try:
+            with Reader(self.service) as db:
+                while not self.stop.wait(0.05):
+                    self.judge(quota_use(db, self.quotas), "the database")
+                    self.samples += 1
+        except Exception as error:  # noqa: BLE001 - a sampler that stopped is a failure
+            self.figures.error(f"sampling the database stopped: {error!r}")
 
     def show(self):
         labels = itertools.cycle(self.quotas)
@@ -1636,9 +1676,9 @@ def check_metrics(ledger, scraped, figures):
 def check_stored(run, scraped, figures):
     """The stored images' gauges against a recount of the database and of the store, and the
     database's rows against what the clients were answered (201s less 204s)."""
-    with read_only(run.service) as db:
+    with Reader(run.service) as db, db.snapshot() as query:
         rows = {i: (digest, size) for i, digest, size
-                in db.execute("SELECT id, sha256, size FROM image")}
+                in query("SELECT id, sha256, size FROM image")}
     files = list(run.service.store.glob("*.qcow2"))
     gauges = (scraped.get(("imagestore_stored_images", ())),
               scraped.get(("imagestore_stored_image_bytes", ())))
@@ -1759,7 +1799,7 @@ def check_quota_windows(ledger, quotas, figures):
 def check_final_quotas(service, quotas, figures):
     """Each quota's use at the end, from the database and from `quota show`: the same, and
     within its limit."""
-    with read_only(service) as db:
+    with Reader(service) as db:
         use = quota_use(db, quotas)
     with ThreadPoolExecutor(4) as pool:
         shown = dict(zip(quotas, pool.map(
@@ -1772,14 +1812,30 @@ def check_final_quotas(service, quotas, figures):
     return use
 
 
-def scenario_counts(figures, base, clients, seconds, images, short):
+@contextlib.contextmanager
+def database_env(postgres):
+    """The environment that puts a service's database on PostgreSQL, in a fresh schema of
+    the database at the URL postgres, dropped after the block; {} (SQLite) without one."""
+    if not postgres:
+        yield {}
+        return
+    schemas = PostgresSchemas(postgres)  # the tests' own, named so that stale ones go
+    try:
+        yield {"DATABASE_URL": schemas.new()}
+    finally:
+        schemas.drop_all()
+
+
+def scenario_counts(figures, base, clients, seconds, images, short, postgres=None):
     """Many clients of five users, four of them under quotas, mix every kind of upload and
     read for seconds on 2 workers, one of which is killed halfway; then /metrics, the audit
-    log, the database and the quotas must agree with what the clients were answered."""
+    log, the database and the quotas must agree with what the clients were answered. On
+    SQLite, or on PostgreSQL at the URL postgres."""
     quotas, hostile = counts_quotas(short), make_hostile(base / "hostile")
     audit_log = base / "counts-audit.log"
     env = {"AUDIT_LOG": str(audit_log), "METRICS_TOKEN": METRICS_TOKEN, "MAX_IMAGE_SIZE": "4M"}
-    with serving(base / "counts", figures, env, workers=2) as service:
+    with (database_env(postgres) as database,
+          serving(base / "counts", figures, env | database, workers=2) as service):
         run = CountsRun(service, counts_accounts(service, quotas), images, hostile, figures)
         run.seed()
         with QuotaWatch(service, quotas, figures) as watch:
@@ -1799,6 +1855,7 @@ def scenario_counts(figures, base, clients, seconds, images, short):
         final = check_final_quotas(service, quotas, figures)
         figures.notes[:0] = counts_notes(run, clients, seconds, victim, stored, len(lines),
                                          watch, (decided, raced), final, quotas)
+        figures.notes[0] = f"on {'PostgreSQL' if postgres else 'SQLite'}: {figures.notes[0]}"
 
 
 def counts_notes(run, clients, seconds, victim, stored, lines, watch, decisions, final, quotas):
@@ -1849,7 +1906,7 @@ SCENARIOS = ("load", "kill", "diskfull", "slow", "qemubusy", "dbdiskfull", "swee
              "counts")
 
 
-def scenario_calls(base, short, disk):
+def scenario_calls(base, short, disk, postgres=None):
     """Each scenario's name and a call that runs it on a Figures, short form or full."""
     images = [make_image(base / f"v{n}.qcow2", (n + 1) * 64 << 10, n + 1) for n in range(6)]
     big = make_image(base / "big.qcow2", 6 << 20, 0x5A)
@@ -1865,7 +1922,7 @@ def scenario_calls(base, short, disk):
         "silent": lambda f: scenario_silent(f, base, 600, 50, 8 if short else 30, images[0]),
         # Clients of bob, carol, dave, erin and frank (ROLES).
         "counts": lambda f: scenario_counts(f, base, (3, 2, 1, 1, 2) if short else (5, 3, 2, 2, 3),
-                                            12 if short else 60, images, short),
+                                            12 if short else 60, images, short, postgres),
     }
 
 
@@ -1891,6 +1948,9 @@ def parse_args(argv):
                         help=f"comma-separated scenarios to run, of {', '.join(SCENARIOS)}")
     parser.add_argument("--disk", choices=("tmpfs", "ext4"), default="tmpfs",
                         help="the small filesystem of the disk-full scenarios")
+    parser.add_argument("--postgres", metavar="URL",
+                        help="run counts on PostgreSQL, in a fresh schema of the database at "
+                             "URL (the others always run on SQLite)")
     parser.add_argument("--keep", metavar="DIR",
                         help="work in DIR and keep it (instances, server logs) for a look after")
     args = parser.parse_args(argv)
@@ -1911,7 +1971,7 @@ def main(argv=None):
         else:
             base = Path(stack.enter_context(
                 tempfile.TemporaryDirectory(prefix="imagestore-reliability-")))
-        calls = scenario_calls(base, args.short, args.disk)
+        calls = scenario_calls(base, args.short, args.disk, args.postgres)
         results = [run_scenario(name, calls[name]) for name in SCENARIOS if name in args.only]
     print(table(results))
     for f in results:

@@ -1315,6 +1315,8 @@ class CountsRun:
                     getattr(self, f"step_{step}")(role, f"{role.user}{k}-{n}", rng)
                 except CUT_OFF as error:
                     self.figures.error(f"{role.user} {step}: no answer: {error!r}")
+                except Exception as error:  # noqa: BLE001 - a client must not die unseen
+                    self.figures.error(f"{role.user} {step}: {error!r}")
 
     def note(self, sent, answer):
         """Put the answer's status and time into sent, and sent into the ledger."""
@@ -1576,12 +1578,14 @@ class QuotaWatch:
         while not self.stop.wait(0.5):
             label = next(labels)
             try:
-                said = self.service.flask("quota", "show", quota_target(label))
+                self.judge({label: shown_use(self.service.flask(
+                    "quota", "show", quota_target(label)))}, "quota show")
             except subprocess.CalledProcessError as error:
                 self.figures.error(f"quota show {label}: {error.stderr.strip()[-200:]}")
-                continue
-            self.judge({label: shown_use(said)}, "quota show")
-            self.shows += 1
+            except (KeyError, ValueError) as error:
+                self.figures.error(f"quota show {label} printed no use: {error!r}")
+            else:
+                self.shows += 1
 
     def judge(self, uses, where):
         """Note how full each quota is; an error the first time one is found past its limit
@@ -1704,27 +1708,32 @@ def check_stored(run, scraped, figures):
 
 
 def check_audit_log(ledger, path, figures):
-    """One audit line for each upload stored or refused, delete, download, link made and
-    used, and failed token, as the clients saw them; no other line. Returns the lines."""
+    """One audit line for each upload stored (its image, sha256 and bytes) or refused (its
+    rule), delete, download and link used (status and bytes sent), link made and failed
+    token, as the clients saw them; no other line. Returns the lines."""
     lines = [json.loads(line) for line in path.read_text().splitlines()]
+    downloads = [s for s in ledger if s.via and s.status in (200, 206, 304)]
     answered = {
-        ("upload", "image_id"): [s.image_id for s in ledger if s.outcome == "stored"],
-        ("refuse", "rule"): [s.outcome for s in ledger if s.outcome not in ("", "stored")],
-        ("delete", "image_id"): [s.image_id for s in ledger
+        ("upload", "image_id", "sha256", "bytes"): [
+            (s.image_id, s.digest, s.size) for s in ledger if s.outcome == "stored"],
+        ("refuse", "rule"): [(s.outcome,) for s in ledger if s.outcome not in ("", "stored")],
+        ("delete", "image_id"): [(s.image_id,) for s in ledger
                                  if s.method == "DELETE" and s.status == 204],
-        ("download", "status"): [s.status for s in ledger
-                                 if s.via == "file" and s.status in (200, 206, 304)],
-        ("link.use", "status"): [s.status for s in ledger if s.via == "link" and s.status == 200],
-        ("link.create", "image_id"): [s.image_id for s in ledger
+        ("download", "image_id", "status", "bytes"): [
+            (s.image_id, s.status, s.sent) for s in downloads if s.via == "file"],
+        ("link.use", "image_id", "status", "bytes"): [
+            (s.image_id, s.status, s.sent) for s in downloads if s.via == "link"],
+        ("link.create", "image_id"): [(s.image_id,) for s in ledger
                                       if s.route == LINKS and s.status == 201],
-        ("auth.failure", "status"): [s.status for s in ledger if s.status == 401],
+        ("auth.failure", "status"): [(s.status,) for s in ledger if s.status == 401],
     }
-    for (action, key), seen in answered.items():
-        written = Counter(line[key] for line in lines if line["action"] == action)
+    for (action, *keys), seen in answered.items():
+        written = Counter(tuple(line[key] for key in keys) for line in lines
+                          if line["action"] == action)
         if written != Counter(seen):
-            figures.error(f"audit log, {action} by {key}: seen by the clients != written: "
-                          f"{differences(Counter(seen), written)}")
-    unknown = {line["action"] for line in lines} - {action for action, _ in answered}
+            figures.error(f"audit log, {action} by {', '.join(keys)}: seen by the clients != "
+                          f"written: {differences(Counter(seen), written)}")
+    unknown = {line["action"] for line in lines} - {action for action, *_ in answered}
     if unknown:
         figures.error(f"audit log has lines of {sorted(unknown)}, which no client caused")
     return lines

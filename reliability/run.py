@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import hashlib
 import http.client
-import itertools
 import json
 import os
 import random
@@ -1554,15 +1553,19 @@ def shown_use(said):
 
 class QuotaWatch:
     """While the load runs, every quota's use read from the database again and again (one
-    read transaction a sample), and `quota show` run one after the other as an admin looks:
-    no sample may find a quota past its limit. fullest: the most each held, (bytes, images)."""
+    read transaction a sample): no sample may find a quota past its limit. fullest: the most
+    each held, (bytes, images).
+
+    Not `quota show` meanwhile: every admin command recounts the stored images' totals that
+    /metrics shows (app.prepare_instance), which would hide any drift of them; it runs at the
+    end, after the last scrape."""
 
     def __init__(self, service, quotas, figures):
         self.service, self.quotas, self.figures = service, quotas, figures
-        self.samples, self.shows, self.fullest = 0, 0, {label: (0, 0) for label in quotas}
+        self.samples, self.fullest = 0, {label: (0, 0) for label in quotas}
         self.over = Counter()  # (label, where): samples that found the quota past its limit
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.sample), threading.Thread(target=self.show)]
+        self.threads = [threading.Thread(target=self.sample)]
 
     def sample(self):
         try:
@@ -1572,20 +1575,6 @@ class QuotaWatch:
                     self.samples += 1
         except Exception as error:  # noqa: BLE001 - a sampler that stopped is a failure
             self.figures.error(f"sampling the database stopped: {error!r}")
-
-    def show(self):
-        labels = itertools.cycle(self.quotas)
-        while not self.stop.wait(0.5):
-            label = next(labels)
-            try:
-                self.judge({label: shown_use(self.service.flask(
-                    "quota", "show", quota_target(label)))}, "quota show")
-            except subprocess.CalledProcessError as error:
-                self.figures.error(f"quota show {label}: {error.stderr.strip()[-200:]}")
-            except (KeyError, ValueError) as error:
-                self.figures.error(f"quota show {label} printed no use: {error!r}")
-            else:
-                self.shows += 1
 
     def judge(self, uses, where):
         """Note how full each quota is; an error the first time one is found past its limit
@@ -1635,6 +1624,7 @@ def kill_between_steps(run, figures):
     one: the figures must be what they were (the dead worker's files still count)."""
     with run.gate.held():
         before = scrape(run.service)
+        check_gauges(run.service, before, figures, "before the kill")
         victim = run.service.worker_pids()[0]
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 60
@@ -1677,20 +1667,28 @@ def check_metrics(ledger, scraped, figures):
                           f"{differences(seen, counted)}")
 
 
-def check_stored(run, scraped, figures):
-    """The stored images' gauges against a recount of the database and of the store, and the
-    database's rows against what the clients were answered (201s less 204s)."""
-    with Reader(run.service) as db, db.snapshot() as query:
+def check_gauges(service, scraped, figures, when):
+    """The stored images' gauges of a scrape against a recount of the database and of the
+    store, made while nothing changes them; the database's rows, {id: (sha256, size)}, and
+    the recount (images, bytes)."""
+    with Reader(service) as db, db.snapshot() as query:
         rows = {i: (digest, size) for i, digest, size
                 in query("SELECT id, sha256, size FROM image")}
-    files = list(run.service.store.glob("*.qcow2"))
+    files = list(service.store.glob("*.qcow2"))
     gauges = (scraped.get(("imagestore_stored_images", ())),
               scraped.get(("imagestore_stored_image_bytes", ())))
     recount = (len(rows), sum(size for _, size in rows.values()))
     in_store = (len(files), sum(f.stat().st_size for f in files))
     if not gauges == recount == in_store:
-        figures.error(f"stored (images, bytes): /metrics {gauges}, database {recount}, "
-                      f"store {in_store}")
+        figures.error(f"stored (images, bytes) {when}: /metrics {gauges}, database "
+                      f"{recount}, store {in_store}")
+    return rows, recount
+
+
+def check_stored(run, scraped, figures):
+    """The stored images' gauges at the end (check_gauges), and the database's rows against
+    what the clients were answered (201s less 204s)."""
+    rows, recount = check_gauges(run.service, scraped, figures, "at the end")
     stored = {s.image_id: s for s in run.ledger if s.outcome == "stored"}
     deleted = {s.image_id for s in run.ledger if s.method == "DELETE" and s.status == 204}
     live = set(stored) - deleted
@@ -1887,8 +1885,8 @@ def counts_notes(run, clients, seconds, victim, stored, lines, watch, decisions,
         f"the store {'checked' if run.figures.errors else 'agree with'} the "
         f"{len(run.ledger)} answers",
         f"quotas, fullest during the run and at the end: {fullest}; {watch.samples} samples "
-        f"of the database and {watch.shows} of `quota show`; {decisions[1]} of {decisions[0]} "
-        f"quota decisions made while another upload of the quota was under way",
+        f"of the database, `quota show` at the end; {decisions[1]} of {decisions[0]} quota "
+        f"decisions made while another upload of the quota was under way",
     ]
 
 

@@ -1884,6 +1884,12 @@ def counts_notes(run, clients, seconds, victim, stored, lines, watch, decisions,
         f"{stored[0]} of {stored[1]} bytes), the audit log ({lines} lines), the database and "
         f"the store {'checked' if run.figures.errors else 'agree with'} the "
         f"{len(run.ledger)} answers",
+        "by outcome: " + ", ".join(f"{o} {n}" for o, n in outcomes.most_common())
+        + "; downloads: " + ", ".join(f"{via} {status} {n}" for (via, status), n in sorted(
+            Counter((s.via, s.status) for s in run.ledger if s.via).items()))
+        + "; " + ", ".join(f"{n} {what}" for what, n in sorted(Counter(
+            f"{s.method} {s.status}" for s in run.ledger
+            if not s.via and not s.outcome).items())) + " besides",
         f"quotas, fullest during the run and at the end: {fullest}; {watch.samples} samples "
         f"of the database, `quota show` at the end; {decisions[1]} of {decisions[0]} quota "
         f"decisions made while another upload of the quota was under way",

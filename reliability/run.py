@@ -966,7 +966,22 @@ class UploadClients(LoadClients):
         return self.upload(client, n, rng)
 
 
-class Sweeper:
+class InBackground:
+    """A context manager running self.threads while its block runs; self.stop (an Event)
+    tells them to end, and the block's end waits for them."""
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+
+class Sweeper(InBackground):
     """`flask --app app sweep --min-age 0` on the service's instance, again and again, in
     each of a few threads while the block runs (more sweeps land in an upload's window)."""
 
@@ -988,16 +1003,6 @@ class Sweeper:
                 self.runs += 1
                 # "removed T temporary files and O orphan files"
                 self.removed += int(said.split()[-3])
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
 
 
 def scenario_sweep(figures, base, clients, seconds, images):
@@ -1551,7 +1556,7 @@ def shown_use(said):
     return int(found["bytes"]), int(found["images"])
 
 
-class QuotaWatch:
+class QuotaWatch(InBackground):
     """While the load runs, every quota's use read from the database again and again (one
     read transaction a sample): no sample may find a quota past its limit. fullest: the most
     each held, (bytes, images).
@@ -1586,15 +1591,8 @@ class QuotaWatch:
                 if self.over[label, where] == 1:
                     self.figures.error(f"{where}: {label} holds {past}")
 
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
     def __exit__(self, *exc):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
+        super().__exit__(*exc)
         for (label, where), samples in self.over.items():
             self.figures.notes.append(f"{samples} samples of {where} found {label} past its "
                                       f"limit")

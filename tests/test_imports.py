@@ -28,6 +28,8 @@ from origin_servers import (
     stall,
     stream,
 )
+from test_audit import lines_of, token_id, without_time
+from test_metrics import figure, grown, scrape
 from test_webhooks import SECRET, Receiver
 
 import imports
@@ -621,6 +623,71 @@ def test_the_namespaces_webhooks_hear_when_an_import_ends_well_or_not(
     assert downloaded["gone"]["download"]["error"] == "HTTP 404 Not Found"
     assert sorted(event["action"] for event in events) == [
         "created", "created", "downloaded", "downloaded"]
+
+
+# --- metrics and the audit log ----------------------------------------------------------
+
+def imports_counted(found):
+    """The imports counted in a grown() of /metrics, by outcome."""
+    return {labels[0][1]: value for (name, labels), value in found.items()
+            if name == "imagestore_imports_total"}
+
+
+def test_imports_are_counted_by_outcome_and_a_stored_one_joins_the_stored_images(
+        app, make_app, client, alice, bob, origin, qcow2_bytes, post_import):
+    app.config["MAX_IMAGE_SIZE"] = MIB
+    set_quota(bob.user, max_bytes=1000)
+    origin.routes.update({
+        "/good.qcow2": serve(qcow2_bytes),
+        "/garbage.qcow2": serve(b"<html>not an image</html>\n" * 4000),
+        "/huge.qcow2": stream(origin, qcow2_bytes[:HEADER_READ_SIZE], total=MIB + 1),
+        "/elsewhere.qcow2": redirect(origin.url("/good.qcow2")),  # to 127.0.0.1
+    })
+    before = scrape(client)
+    for name in ("good", "gone", "garbage", "huge", "elsewhere"):
+        post_import(name=name, download_url=origin.url(f"/{name}.qcow2", "localhost"))
+    post_import(account=bob, name="big", download_url=origin.url("/good.qcow2", "localhost"))
+    pending_import(alice, "lost", download_started_at=utcnow())
+    assert jobs.run_due_jobs() == 6
+    stored = grown(before, scrape(client))
+    assert (figure(stored, "imagestore_stored_images"),
+            figure(stored, "imagestore_stored_image_bytes")) == (1, len(qcow2_bytes))
+    make_app()  # a start: the lost one fails as interrupted
+    assert imports_counted(grown(before, scrape(client))) == {
+        "stored": 1, "http_error": 1, "not_qcow2": 1, "too_large": 1, "refused_address": 1,
+        "quota": 1, "interrupted": 1}
+
+
+def test_an_import_is_audited_when_posted_and_when_it_ends_never_with_the_password(
+        make_app, make_account, tmp_path, origin, qcow2_bytes):
+    path = tmp_path / "audit.log"
+    app = make_app(AUDIT_LOG=str(path), DOWNLOAD_ALLOW_HOSTS=frozenset({"localhost"}))
+    client, alice = app.test_client(), make_account("alice")
+    origin.routes["/alpine.qcow2"] = basic_auth("robot", "hunter2", serve(qcow2_bytes))
+    ids = {}
+    for name in ("alpine", "gone"):
+        url = origin.url(f"/{name}.qcow2", "localhost", userinfo="robot:hunter2@")
+        ids[name] = client.post("/images", headers=alice.headers, json={
+            "name": name, "namespace": "djinn", "download_url": url}).json["id"]
+    assert jobs.run_due_jobs() == 2
+    row = Image.get_by_id(ids["alpine"])
+    by_alice = {"user": "alice", "token_id": token_id(alice), "client": "127.0.0.1"}
+    by_the_import = {"user": "alice", "token_id": None, "client": None}
+
+    def image(name, sha256=None, size=None):
+        return {"image_id": ids[name], "name": name, "namespace": "djinn@alice",
+                "sha256": sha256, "bytes": size,
+                "source": origin.url(f"/{name}.qcow2", "localhost")}
+
+    assert without_time(lines_of(path)) == [
+        {"action": "import", **by_alice, **image("alpine"), "status": 201},
+        {"action": "import", **by_alice, **image("gone"), "status": 201},
+        {"action": "import", **by_the_import, **image("alpine", row.sha256, row.size),
+         "status": None, "outcome": "stored", "error": None},
+        {"action": "import", **by_the_import, **image("gone"), "status": None,
+         "outcome": "http_error", "error": "HTTP 404 Not Found"},
+    ]
+    assert "hunter2" not in path.read_text()
 
 
 # --- end to end --------------------------------------------------------------------------

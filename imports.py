@@ -298,10 +298,14 @@ class _Watchdog(threading.Thread):
 
     def run(self):
         while not self.done.wait(WATCH_SECONDS):
-            if jobs.stopping() or time.monotonic() > self.deadline:
-                self.reason = "stopping" if jobs.stopping() else "timeout"
-                self.download.abort()
-                return
+            if jobs.stopping():
+                self.reason = "stopping"
+            elif time.monotonic() > self.deadline:
+                self.reason = "timeout"
+            else:
+                continue
+            self.download.abort()
+            return
 
     def check(self):
         """Raise what the cut means, if the watchdog cut the transfer."""

@@ -758,8 +758,9 @@ def test_an_import_whose_worker_is_killed_is_taken_over_and_finishes(tmp_path, q
     which removes what the dead one left staged as it starts, takes the job over once the
     dead one's lease has lapsed, and runs the import again from the start."""
     started = threading.Event()
-    env = {"DOWNLOAD_ALLOW_HOSTS": "localhost", "WEB_CONCURRENCY": "1", "JOB_LEASE": "2",
-           "JOB_POLL_INTERVAL": "1"}
+    # One worker of one job thread: nothing but the takeover can run the import again.
+    env = {"DOWNLOAD_ALLOW_HOSTS": "localhost", "WEB_CONCURRENCY": "1", "JOB_THREADS": "1",
+           "JOB_LEASE": "2", "JOB_POLL_INTERVAL": "1"}
     with origin_server() as origin, server_with_account(tmp_path / "live", "alice",
                                                         env) as server:
         origin.routes["/alpine.qcow2"] = slow_first(origin, qcow2_bytes, started)

@@ -237,7 +237,7 @@ def import_image():
     raw, stream = b"", request.stream
     while len(raw) <= imports.MAX_BODY and (piece := stream.read(imports.MAX_BODY + 1 - len(raw))):
         raw += piece
-    image = imports.start_import(g.user, raw, current_app.config, base_url())
+    image = imports.start_import(g.user, raw, current_app.config, base_url(), who())
     body = image_json(image, base_url())
     return jsonify(body), 201, {"Location": body["url"]}
 

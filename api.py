@@ -23,7 +23,7 @@ import imports
 import metrics
 import queries
 from access import readable_image, writable_image
-from auth import audit_failure, bearer_matches, require_scope
+from auth import audit_failure, bearer_matches, require_scope, who
 from digests import check_sha256, expected_sha256, repr_digest
 from diskspace import check_room_for_upload, parts_short_of_space
 from downloads import DISK_TYPES, JSON, file_response, negotiate
@@ -215,7 +215,7 @@ def import_image():
     raw, stream = b"", request.stream
     while len(raw) <= imports.MAX_BODY and (piece := stream.read(imports.MAX_BODY + 1 - len(raw))):
         raw += piece
-    image = imports.start_import(g.user, raw, current_app.config, base_url())
+    image = imports.start_import(g.user, raw, current_app.config, base_url(), who())
     body = image_json(image, base_url())
     return jsonify(body), 201, {"Location": body["url"]}
 

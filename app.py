@@ -5,13 +5,13 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 import audit
 import image_stats
+import imports
 import jobs
 import webhooks
 from api import bp
 from cli import register_cli
 from config import instance_folder, load_config
 from errors import register_error_handlers
-from imports import recover_imports
 from json_provider import OrjsonProvider
 from models import create_tables, db, keep_wal, open_database, upgrade_schema, use_wal
 from queries import has_image_with_key
@@ -44,6 +44,12 @@ def create_app(test_config=None, instance_path=None, prepare=True):
     app.extensions["storage"] = storage_from_url(
         app.config["STORAGE_URL"], app.config["STAGING_DIR"], app.config["S3_REDIRECT_DOWNLOADS"],
         app.config["UPLOAD_EXPIRY"])
+    # Job kinds and settings only: the threads start in serving processes alone
+    # (gunicorn.conf.py's post_worker_init), never in CLI commands or tests. Before the
+    # preparation: an import it fails queues its `downloaded` webhook events.
+    jobs.configure(app.config)
+    webhooks.register_job(app.config)
+    imports.register_job(app.extensions["storage"], app.config)
     if prepare:
         prepare_instance(app)
     else:
@@ -55,11 +61,6 @@ def create_app(test_config=None, instance_path=None, prepare=True):
     def close_db(exc):
         if not db.is_closed():
             db.close()
-
-    # Job kinds and settings only: the threads start in serving processes alone
-    # (gunicorn.conf.py's post_worker_init), never in CLI commands or tests.
-    jobs.configure(app.config)
-    webhooks.register_job(app.config)
 
     if app.config["TRUST_PROXY_HEADERS"]:
         # X-Forwarded-For too: the audit log's client address, not the proxy's.
@@ -90,7 +91,8 @@ def prepare_instance(app):
     with db.connection_context():
         recover(app.extensions["storage"], has_image_with_key)
         sweep_expired(app.extensions["storage"])
-        recover_imports()  # none left pending for ever (imports.py)
+        # None left pending for ever (imports.py); their events need PUBLIC_URL.
+        imports.recover_imports(base_url=app.config["PUBLIC_URL"])
         image_stats.recount()  # the totals /metrics shows, right again at every start
 
 

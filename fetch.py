@@ -10,6 +10,7 @@ Nothing here ever puts a password into a message. docs/imports.md says why each 
 """
 
 import base64
+import contextlib
 import http.client
 import ipaddress
 import re
@@ -293,6 +294,14 @@ class Download:
 
     def close(self):
         self._connection.close()
+
+    def abort(self):
+        """End the transfer from another thread: a read blocked on the socket returns at
+        once (with what came, or an error)."""
+        sock = self._connection.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):  # closed meanwhile: the transfer is over
+                sock.shutdown(socket.SHUT_RDWR)
 
     def __enter__(self):
         return self

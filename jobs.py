@@ -26,6 +26,8 @@ from models import Job, after_commit, db, write_transaction
 log = logging.getLogger(__name__)
 
 PENDING, FAILED = "pending", "failed"
+# The end of the error of a job whose last try was cut off by its worker's death.
+WORKER_STOPPED = "did not finish (its worker stopped)"
 ERROR_LIMIT = 2000  # characters of a failure's message kept with the job
 HOST = socket.gethostname()
 # The shortest wait of an idle thread, so that a job seen due but taken by another thread
@@ -42,6 +44,7 @@ class Kind:
     max_attempts: int
     timeout: float | None
     on_failure: object = None
+    failed_payload: object = None
 
 
 @dataclass
@@ -65,18 +68,22 @@ _threads = []
 _stop = threading.Event()
 _wake = threading.Condition()
 _wakes = [0]  # how many times wake() was called: a thread that saw a change does not wait
+_running = threading.local()  # the job that this thread's handler is running (last_try)
 
 
 def register(kind, handler, *, backoff=(10, 60, 300, 900), max_attempts=5, timeout=600,
-             on_failure=None):
+             on_failure=None, failed_payload=None):
     """Run handler(payload) for jobs of kind, in a background thread.
 
     An exception is a failed try: the next one comes after backoff[try - 1] seconds (the
     last wait repeats), and after max_attempts tries the job is kept as failed, and
     on_failure(payload, error_text) is called. A handler running over timeout seconds
     (None: no limit) is presumed stuck: its claim lapses and the job is taken over.
+    failed_payload(payload), if given, is what a failed job keeps of its payload (an
+    import's drops the URL's password).
     """
-    KINDS[kind] = Kind(handler, tuple(backoff), max_attempts, timeout, on_failure)
+    KINDS[kind] = Kind(handler, tuple(backoff), max_attempts, timeout, on_failure,
+                       failed_payload)
 
 
 def configure(config):
@@ -128,6 +135,13 @@ def stopping():
     return _stop.is_set()
 
 
+def last_try():
+    """Whether the job that this thread's handler runs is on its last try (a handler that
+    counts its failures tells a given-up one); False outside a handler."""
+    job = getattr(_running, "job", None)
+    return job is not None and job.attempts >= KINDS[job.kind].max_attempts
+
+
 def _due(now):
     """Jobs that a thread of this process may claim at now."""
     return ((Job.state == PENDING) & (Job.kind.in_(sorted(KINDS))) & (Job.run_at <= now)
@@ -154,7 +168,7 @@ def _claim():
             log.warning("job %s (%s): the claim of %s lapsed on try %s; taking it over",
                         job.id, job.kind, job.claimed_by, job.attempts)
         if job.attempts >= KINDS[job.kind].max_attempts:
-            return _fail(job, f"try {job.attempts} did not finish (its worker stopped)")
+            return _fail(job, f"try {job.attempts} {WORKER_STOPPED}")
         job.claimed_by = f"{HOST}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         job.attempts += 1
         Job.update(claimed_by=job.claimed_by, claimed_until=now + settings.lease,
@@ -182,7 +196,7 @@ def _run(job):
     heartbeat = _Heartbeat(job, kind.timeout)
     heartbeat.start()
     try:
-        kind.handler(json.loads(job.payload))
+        _call_handler(kind, job)
     except Exception as error:  # noqa: BLE001 - any failure of a handler is a failed try
         heartbeat.stop()
         _settle_failure(job, kind, error)
@@ -193,6 +207,15 @@ def _run(job):
             if not done.execute():
                 log.warning("job %s (%s) finished after its claim was taken over",
                             job.id, job.kind)
+
+
+def _call_handler(kind, job):
+    """kind's handler on job's payload, with job as this thread's running one (last_try)."""
+    _running.job = job
+    try:
+        kind.handler(json.loads(job.payload))
+    finally:
+        _running.job = None
 
 
 def _mine(job):
@@ -219,14 +242,18 @@ def _settle_failure(job, kind, error):
 
 
 def _fail(job, text, where=None):
-    """Mark job failed for good (kept, with its error), then tell its kind's on_failure."""
+    """Mark job failed for good (kept, with its error and what its kind keeps of its
+    payload), then tell its kind's on_failure (which is given the whole payload)."""
     where = (Job.id == job.id) if where is None else where
     job.state, job.last_error = FAILED, text
-    if not Job.update(state=FAILED, claimed_by=None, claimed_until=None,
-                      last_error=text).where(where).execute():
+    kind = KINDS[job.kind]
+    kept = job.payload if kind.failed_payload is None else json.dumps(
+        kind.failed_payload(json.loads(job.payload)))
+    if not Job.update(state=FAILED, claimed_by=None, claimed_until=None, last_error=text,
+                      payload=kept).where(where).execute():
         return job  # taken over meanwhile: the new holder settles it
     log.error("job %s (%s) failed after %s tries: %s", job.id, job.kind, job.attempts, text)
-    on_failure = KINDS[job.kind].on_failure
+    on_failure = kind.on_failure
     if on_failure is not None:
         after_commit(lambda: _tell_failure(on_failure, job))
     return job
@@ -332,4 +359,6 @@ def stop_job_threads(timeout=None):
     if left:
         log.warning("job threads %s still running at exit; their claims will lapse and "
                     "be taken over", ", ".join(left))
+    else:
+        _stop.clear()  # stopping() is over: handlers run later here (tests) go on working
     _threads.clear()

@@ -3,8 +3,8 @@
 /metrics counts uploads by these names (imagestore_uploads_total{outcome=...}) and the
 audit log's `refuse` lines carry them as `rule` (docs/observability.md lists them all).
 The rules of the file itself are qcow2's REFUSAL_RULES; the others come from the request
-(its headers, its body, its name and namespace) and from the service (a full disk, a store
-that is down, an error).
+(its headers, its body, its name and namespace), from its owner's or namespace's quota, and
+from the service (a full disk, a store that is down, an error).
 """
 
 from werkzeug.exceptions import HTTPException
@@ -39,8 +39,8 @@ def refusal_rule(error):
         return _field_rule(error)
     if isinstance(error, StorageUnavailable):
         return "store_unavailable"
-    if isinstance(error, QuotaExceeded):  # the only 403 of an upload past its token
-        return "quota"
+    if isinstance(error, QuotaExceeded):  # a 403 of its own: which limit ran out
+        return f"quota_{error.unit}"
     if isinstance(error, ApiError | HTTPException):
         status = error.status if isinstance(error, ApiError) else error.code
         return RULE_OF_STATUS.get(status, f"status_{status}")

@@ -3,7 +3,8 @@ and its parents, queued in the transaction of the change and delivered by jobs.p
 
 The body is rendered when the event happens (a `deleted` event shows the image as it was)
 and kept with the job; each try signs those exact bytes with the webhook's secret, is
-recorded as a WebhookDelivery, and a failed one is tried again after WEBHOOK_BACKOFF.
+recorded as a WebhookDelivery and counted in /metrics, and a failed one is tried again
+after WEBHOOK_BACKOFF.
 """
 
 import contextlib
@@ -19,6 +20,7 @@ from functools import partial
 from urllib.parse import urlsplit
 
 import jobs
+import metrics
 from models import Namespace, Webhook, WebhookDelivery, write_transaction
 from representations import image_json
 
@@ -112,7 +114,10 @@ def deliver(payload, timeout):
     body = payload["body"].encode()
     status, error = post(hook.url, body, signed_headers(hook.secret, body), timeout)
     record_try(hook, payload, status, error)
-    if error is not None or not 200 <= status < 300:
+    delivered = error is None and 200 <= status < 300
+    metrics.count_webhook_delivery(
+        "delivered" if delivered else "gave_up" if jobs.last_try() else "failed")
+    if not delivered:
         raise DeliveryFailed(f"webhook {hook.id}: {error or f'HTTP {status}'}")
 
 

@@ -9,6 +9,8 @@
   dbdiskfull  database and store on one small tmpfs, filled by uploads until 507
   sweep       uploads from several clients while `flask sweep --min-age 0` runs in a loop
   silent      600 connections that send nothing and 50 that send headers slowly, held open
+  counts      users under quotas mix every kind of upload and read on 2 workers, one killed;
+              /metrics, the audit log and the quotas must agree with what clients were told
 
 Prints a table of figures (requests, errors, lost, orphans) and exits 1 on any error,
 loss or orphan. `--short` is the form CI runs. Needs qemu-img and qemu-io (qemu-block-extra
@@ -23,6 +25,7 @@ import http.client
 import json
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -32,12 +35,22 @@ import tempfile
 import threading
 import time
 import traceback
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+import psycopg2
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from harness import LiveServer  # noqa: E402 - found through the line above
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' image makers, for hostile uploads
+import sample_images  # noqa: E402 - found through the lines above
+from db_fixtures import PostgresSchemas  # noqa: E402
+
+from harness import LiveServer  # noqa: E402
 
 # What a client sees when the server's process dies under its request.
 CUT_OFF = (OSError, http.client.HTTPException)
@@ -131,10 +144,53 @@ def incoming(store):
     return list(folder.iterdir()) if folder.exists() else []
 
 
+def libpq_url(url):
+    """A DATABASE_URL as libpq reads it: a "+" in its query (a space to Python's parsers, and
+    so to the service's) written %20."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(query=urlencode(parse_qsl(parts.query), quote_via=quote)))
+
+
+class Reader:
+    """Reads of a service's database from outside: its SQLite file, opened read-only, or the
+    PostgreSQL of its DATABASE_URL. Each snapshot() is one transaction, which sees the state
+    of one moment (SQLite's read transaction, PostgreSQL's REPEATABLE READ)."""
+
+    def __init__(self, service):
+        url = service.env.get("DATABASE_URL")
+        if url:
+            self.conn, self.mark = psycopg2.connect(libpq_url(url)), "%s"
+            self.conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        else:
+            self.conn, self.mark = sqlite3.connect(f"file:{service.database}?mode=ro", uri=True,
+                                                   isolation_level=None), "?"
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        """query(sql, args) -> rows, for the block; sql marks its arguments with ?."""
+        cursor = self.conn.cursor()
+        if self.mark == "?":
+            cursor.execute("BEGIN")
+        try:
+            yield lambda sql, args=(): (cursor.execute(sql.replace("?", self.mark), args),
+                                        cursor.fetchall())[1]
+        finally:
+            if self.mark == "?":
+                cursor.execute("COMMIT")
+            else:
+                self.conn.rollback()  # nothing written: the transaction just ends
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.conn.close()
+
+
 def audit(service):
     """Compare the database's rows with the store's files and its temporary folder."""
-    with contextlib.closing(sqlite3.connect(f"file:{service.database}?mode=ro", uri=True)) as db:
-        rows = dict(db.execute("SELECT storage_key, sha256 FROM image").fetchall())
+    with Reader(service) as db, db.snapshot() as query:
+        rows = dict(query("SELECT storage_key, sha256 FROM image"))
     store = service.store
     files = {p.name[:-len(".qcow2")] for p in store.glob("*.qcow2")}
     temp = incoming(store)
@@ -910,7 +966,22 @@ class UploadClients(LoadClients):
         return self.upload(client, n, rng)
 
 
-class Sweeper:
+class InBackground:
+    """A context manager running self.threads while its block runs; self.stop (an Event)
+    tells them to end, and the block's end waits for them."""
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+
+class Sweeper(InBackground):
     """`flask --app app sweep --min-age 0` on the service's instance, again and again, in
     each of a few threads while the block runs (more sweeps land in an upload's window)."""
 
@@ -932,16 +1003,6 @@ class Sweeper:
                 self.runs += 1
                 # "removed T temporary files and O orphan files"
                 self.removed += int(said.split()[-3])
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
 
 
 def scenario_sweep(figures, base, clients, seconds, images):
@@ -1032,6 +1093,814 @@ def scenario_qemubusy(figures, base, runs, timeout=90):
                                 f"{max(reads.seconds):.1f} s (hard timeout {timeout} s)")
 
 
+# --- scenario: counts: metrics, quotas and the audit log under a mixed load ------------
+
+METRICS_TOKEN = "reliability-metrics-token"
+NAME_TAKEN = "Name already exists"
+# How the service words a quota's refusal (quotas.exceeded): label, limit, unit, use, and the
+# image's bytes when its length was known.
+QUOTA_REFUSAL = re.compile(r"Quota exceeded: (.+) may keep (\d+) (byte|image)s?; (\d+) in use"
+                           r"(?:, and this image is (\d+) bytes)?$")
+QUOTA_OUTCOMES = {"quota_bytes", "quota_images"}
+# Routes as /metrics labels them (Flask's URL rules).
+IMAGES, IMAGE, LINKS = "/images", "/images/<int:image_id>", "/images/<int:image_id>/links"
+LINK, TEAM_LIST = "/links/<token>/<filename>", "/n/<username>/<path:path>/-/images"
+NOT_SCRAPED = ("/metrics", "/healthz")  # the runner's own requests, not the clients'
+
+S = sample_images
+# Hostile uploads, each with the rule that must refuse it (docs/observability.md), made by
+# the tests' own makers.
+HOSTILE_UPLOADS = (
+    ("raw", S.raw, "not_qcow2"),
+    ("gzip", S.gzipped, "not_qcow2"),
+    ("random", S.random_bytes, "not_qcow2"),
+    ("truncated-header", S.truncated_header, "truncated"),
+    ("version-4", lambda d: S.patched(d, S.VERSION, 4, 4), "unsupported_version"),
+    ("size-not-sectors", lambda d: S.patched(d, S.SIZE, (1 << 20) + 1), "malformed_header"),
+    ("l1-size-absurd", lambda d: S.patched(d, S.L1_SIZE, 2**31 - 1, 4), "malformed_tables"),
+    ("backing-file", S.backing_path, "backing_file"),
+    ("data-file", S.data_file, "data_file"),
+    ("aes", S.aes_qcow2, "encrypted"),
+    ("corrupt-bit", lambda d: S.set_incompatible(S.good_v3(d), 1 << 1), "corrupt"),
+    ("truncated-body", S.truncated_body, "corrupt"),
+    ("dirty-bit", lambda d: S.set_incompatible(S.good_v3(d), 1 << 0), "dirty"),
+    ("unknown-feature", lambda d: S.set_incompatible(S.good_v3(d), 1 << 5), "unknown_features"),
+    ("huge-virtual-size", lambda d: S.patched(d, S.SIZE, 2**64 - 1), "virtual_size"),
+)
+
+
+def make_hostile(folder):
+    """(case, bytes, rule) of each hostile upload, made in a folder of its own."""
+    made = []
+    for case, maker, rule in HOSTILE_UPLOADS:
+        (folder / case).mkdir(parents=True)
+        made.append((case, maker(folder / case).read_bytes(), rule))
+    return made
+
+
+def counts_quotas(short):
+    """The admin's quotas by the label the service names them with: (most bytes, most
+    images), None for no limit. carol's bytes and the team's images run out early on; dave's
+    bytes count his own images and the team's; frank's few images are full all the while he
+    uploads and deletes."""
+    if short:
+        return {"user carol": (6_000_000, None), "user dave": (8_000_000, None),
+                "namespace team@dave": (None, 8), "user frank": (None, 3)}
+    return {"user carol": (25_000_000, None), "user dave": (30_000_000, None),
+            "namespace team@dave": (None, 30), "user frank": (None, 4)}
+
+
+@dataclass(frozen=True)
+class Role:
+    """The clients of one user: where they upload (namespace as the query names it, the pool
+    the image joins, the quotas it counts against), the pools they read and the one they
+    delete from, and their mix of steps (CountsRun.step_NAME) by weight."""
+
+    user: str
+    targets: tuple
+    reads: tuple
+    deletes: str | None
+    mix: dict
+
+
+DAVE_AND_TEAM = ("user dave", "namespace team@dave")
+ROLES = (
+    Role("bob", (("", "bob", ()),), ("bob",), "bob",
+         {"good": 3, "chunked": 1, "hostile": 3, "cut": 1, "cut_chunked": 1, "taken": 1,
+          "bad_name": 1, "too_large": 1, "bad_token": 1, "file": 2, "range": 1,
+          "conditional": 1, "head": 1, "bad_range": 1, "link": 1, "delete": 2, "list": 1}),
+    Role("carol", (("", "carol", ("user carol",)), ("proj", "carol", ("user carol",))),
+         ("carol",), None, {"good": 4, "chunked": 1, "cut": 1, "file": 1, "range": 1, "list": 1}),
+    Role("dave", (("", "dave", ("user dave",)), ("team", "team", DAVE_AND_TEAM)),
+         ("dave", "team"), None,
+         {"good": 3, "chunked": 1, "file": 1, "conditional": 1, "team_list": 1}),
+    Role("erin", (("team@dave", "team", DAVE_AND_TEAM), ("team/sub@dave", "team", DAVE_AND_TEAM)),
+         ("team",), "team",
+         {"good": 3, "chunked": 1, "delete": 1, "file": 1, "link": 1, "team_list": 1}),
+    Role("frank", (("", "frank", ("user frank",)),), ("frank",), "frank",
+         {"good": 3, "chunked": 1, "delete": 2, "file": 1, "range": 1, "conditional": 1}),
+)
+
+
+@dataclass
+class Sent:
+    """One request of the counts scenario as its client saw it: what /metrics, the audit log
+    and the quotas must then show for it."""
+
+    route: str
+    method: str
+    started: float = field(default_factory=time.monotonic)
+    answered: float = 0.0
+    status: int = 0
+    outcome: str = ""  # an upload's: "stored", or the rule of its refusal
+    via: str = ""  # a download's: "file" or "link"
+    sent: int = 0  # a download's bytes of the file (200, 206)
+    size: int = 0  # an upload's bytes
+    quotas: tuple = ()  # the quotas an upload counts against
+    image_id: int | None = None
+    digest: str = ""  # a stored upload's sha256
+    message: str = ""  # an upload's answer
+
+
+def upload_outcome(answer, file_rule=None):
+    """The rule an upload's answer stands for, as /metrics and the audit log must name it:
+    "stored", or the refusal's (file_rule: that of the file sent, for a 400 of the file)."""
+    if answer.status == 201:
+        return "stored"
+    try:
+        body = answer.json()
+    except ValueError:
+        return f"status_{answer.status}"
+    message = body.get("message", "")
+    if answer.status == 403 and (quota := QUOTA_REFUSAL.match(message)):
+        return f"quota_{quota[3]}s"
+    if answer.status == 400 and "file" in body:
+        return file_rule or "file"
+    if answer.status == 400 and "name" in body:
+        return "name_taken" if body["name"] == [NAME_TAKEN] else "name"
+    if answer.status == 400 and message.startswith("Upload cut off"):
+        return "broken_body"
+    return {411: "length_required", 413: "too_large"}.get(answer.status,
+                                                           f"status_{answer.status}")
+
+
+def cut_upload(service, path, token, data, chunked):
+    """POST a body that stops halfway: the head promises all of data (its Content-Length, or
+    one chunk of its size), half of it is sent, then the sending side is shut; the answer is
+    read all the same."""
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+    half = data[:len(data) // 2]
+    if chunked:
+        head, body = head + "Transfer-Encoding: chunked\r\n\r\n", f"{len(data):x}\r\n".encode()
+    else:
+        head, body = head + f"Content-Length: {len(data)}\r\n\r\n", b""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=60) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # an early answer
+            sock.sendall(head.encode() + body + half)
+            sock.shutdown(socket.SHUT_WR)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return Answer(response.status, dict(response.getheaders()), response.read())
+
+
+def in_pieces(data, piece=64 << 10):
+    """data as an iterable, which http.client sends chunked (no Content-Length)."""
+    return (data[start:start + piece] for start in range(0, len(data), piece))
+
+
+class Gate:
+    """Lets the clients' steps through, or holds them between two steps: with nothing in
+    flight, a worker killed then takes no request with it, and every request stays counted
+    exactly."""
+
+    def __init__(self):
+        self.cond, self.in_flight, self.closed = threading.Condition(), 0, False
+
+    @contextlib.contextmanager
+    def passing(self):
+        """One client's step, once the gate is open."""
+        with self.cond:
+            self.cond.wait_for(lambda: not self.closed)
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.in_flight -= 1
+                self.cond.notify_all()
+
+    @contextlib.contextmanager
+    def held(self):
+        """The block, run once no step is in flight; no step starts meanwhile."""
+        with self.cond:
+            self.closed = True
+            self.cond.wait_for(lambda: not self.in_flight)
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.closed = False
+                self.cond.notify_all()
+
+
+class CountsRun:
+    """The clients of the counts scenario, with a ledger of every request they sent and of
+    what they were answered; pools hold the images stored and not deleted, by pool."""
+
+    def __init__(self, service, tokens, images, hostile, figures):
+        self.service, self.tokens, self.images, self.hostile = service, tokens, images, hostile
+        self.figures, self.ledger, self.lock, self.gate = figures, [], threading.Lock(), Gate()
+        self.pools = {role.user: {} for role in ROLES} | {"team": {}}
+        self.claimed = set()  # ids a client is deleting or has deleted
+        self.stop = threading.Event()
+
+    def start(self, clients):
+        """clients[i] clients of ROLES[i], each in a thread of its own."""
+        self.threads = [threading.Thread(target=self.client, args=(role, k))
+                        for role, count in zip(ROLES, clients, strict=True)
+                        for k in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def finish(self):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+    def client(self, role, k):
+        """Steps of the role's mix until stopped; a request without an answer is an error."""
+        rng, n = random.Random(f"{role.user}{k}"), 0
+        steps, weights = zip(*role.mix.items(), strict=True)
+        while not self.stop.is_set():
+            n += 1
+            step = rng.choices(steps, weights)[0]
+            with self.gate.passing():
+                try:
+                    getattr(self, f"step_{step}")(role, f"{role.user}{k}-{n}", rng)
+                except CUT_OFF as error:
+                    self.figures.error(f"{role.user} {step}: no answer: {error!r}")
+                except Exception as error:  # noqa: BLE001 - a client must not die unseen
+                    self.figures.error(f"{role.user} {step}: {error!r}")
+
+    def note(self, sent, answer):
+        """Put the answer's status and time into sent, and sent into the ledger."""
+        sent.answered, sent.status = time.monotonic(), answer.status
+        with self.lock:
+            self.ledger.append(sent)
+        self.figures.count()
+        return answer
+
+    def call(self, sent, path, user, body=None, headers=None, token=None):
+        """One request of sent's method on a new connection, noted in the ledger."""
+        return self.note(sent, request(self.service, sent.method, path,
+                                       token or self.tokens[user], body=body, headers=headers))
+
+    # --- uploads
+
+    def upload(self, role, name, rng, data, allowed=("stored",), send=None, file_rule=None):
+        """POST data as name into one of the role's targets (send(path, token) sends it, by
+        default with its Content-Length); the outcome must be one of allowed, or a quota's
+        refusal where a quota applies."""
+        namespace, pool, quotas = rng.choice(role.targets)
+        path = f"/images?name={name}" + (f"&namespace={namespace}" if namespace else "")
+        sent = Sent(IMAGES, "POST", size=len(data), quotas=quotas)
+        token = self.tokens[role.user]
+        answer = self.note(sent, send(path, token) if send else request(
+            self.service, "POST", path, token, body=data))
+        sent.outcome = upload_outcome(answer, file_rule)
+        sent.message = answer.body[:1000].decode(errors="replace")
+        if sent.outcome not in {*allowed, *(QUOTA_OUTCOMES if quotas else ())}:
+            self.figures.error(f"{role.user} upload {name}: {sent.outcome} {sent.message}")
+        elif sent.outcome == "stored":
+            sent.image_id, sent.digest = answer.json()["id"], sha256(data)
+            with self.lock:
+                self.pools[pool][sent.image_id] = (sent.digest, len(data))
+
+    def seed(self):
+        """bob's image that nobody deletes, whose name step_taken sends again."""
+        self.upload(ROLES[0], "bob-keep", random.Random(0), self.images[0])
+        with self.lock:
+            self.pools["bob"].clear()
+
+    def step_good(self, role, name, rng):
+        self.upload(role, name, rng, rng.choice(self.images))
+
+    def step_chunked(self, role, name, rng):
+        data = rng.choice(self.images)
+        self.upload(role, name, rng, data, send=lambda path, token: request(
+            self.service, "POST", path, token, body=in_pieces(data)))
+
+    def step_hostile(self, role, name, rng):
+        case, data, rule = rng.choice(self.hostile)
+        self.upload(role, f"{name}-{case}", rng, data, allowed=(rule,), file_rule=rule)
+
+    def step_cut(self, role, name, rng, chunked=False):
+        data = rng.choice(self.images)
+        self.upload(role, name, rng, data, allowed=("broken_body",),
+                    send=lambda path, token: cut_upload(self.service, path, token, data, chunked))
+
+    def step_cut_chunked(self, role, name, rng):
+        self.step_cut(role, name, rng, chunked=True)
+
+    def step_taken(self, role, name, rng):
+        self.upload(role, "bob-keep", rng, self.images[0], allowed=("name_taken",))
+
+    def step_bad_name(self, role, name, rng):
+        self.upload(role, f"{name}%20x", rng, self.images[0], allowed=("name",))
+
+    def step_too_large(self, role, name, rng):
+        self.upload(role, name, rng, b"", allowed=("too_large",),
+                    send=lambda path, token: request(self.service, "POST", path, token,
+                                                     headers={"Content-Length": str(5 << 20)}))
+
+    def step_bad_token(self, role, name, rng):
+        """An upload with a token nobody has: 401, and no upload to count."""
+        answer = self.call(Sent(IMAGES, "POST"), f"/images?name={name}", role.user,
+                           self.images[0], token="not-a-token")
+        if answer.status != 401:
+            self.figures.error(f"upload with a wrong token: {answer.status}")
+
+    # --- reads and deletes
+
+    def pick(self, role, rng):
+        """(id, sha256) of an image of a pool the role reads, or None."""
+        with self.lock:
+            live = list(self.pools[rng.choice(role.reads)].items())
+        if not live:
+            return None
+        image_id, (digest, _) = rng.choice(live)
+        return image_id, digest
+
+    def judge(self, sent, answer, expected, digest=None):
+        """A read must be answered expected, or 404 for an image being deleted."""
+        if answer.status == 404 and sent.image_id in self.claimed:
+            return False
+        if answer.status != expected or (digest and sha256(answer.body) != digest):
+            self.figures.error(f"{sent.method} {sent.route} of {sent.image_id}: "
+                               f"{answer.status} (expected {expected}) {answer.body[:100]!r}")
+            return False
+        if expected in (200, 206) and sent.via:
+            sent.sent = int(answer.headers["Content-Length"])
+        return True
+
+    def download(self, role, rng, expected, headers=lambda digest: {}, method="GET",
+                 via="file"):
+        """A GET of a file the role reads (a download via "file", as /metrics counts it),
+        headers(its sha256) added to Accept."""
+        if (picked := self.pick(role, rng)) is None:
+            return
+        image_id, digest = picked
+        sent = Sent(IMAGE, method, via=via if method == "GET" else "", image_id=image_id)
+        answer = self.call(sent, f"/images/{image_id}", role.user,
+                           headers={"Accept": DISK, **headers(digest)})
+        whole = expected == 200 and method == "GET"
+        if (self.judge(sent, answer, expected, digest if whole else None)
+                and expected == 206 and len(answer.body) != 4096):
+            self.figures.error(f"range of {image_id}: {len(answer.body)} bytes")
+
+    def step_file(self, role, name, rng):
+        self.download(role, rng, 200)
+
+    def step_range(self, role, name, rng):
+        self.download(role, rng, 206, lambda digest: {"Range": "bytes=0-4095"})
+
+    def step_conditional(self, role, name, rng):
+        self.download(role, rng, 304, lambda digest: {"If-None-Match": f'"{digest}"'})
+
+    def step_head(self, role, name, rng):
+        """A HEAD of a file: its headers, no file read, so no download to count."""
+        self.download(role, rng, 200, method="HEAD")
+
+    def step_bad_range(self, role, name, rng):
+        """A Range past the end: 416, no file read, so no download to count."""
+        self.download(role, rng, 416, lambda digest: {"Range": "bytes=99999999-"}, via="")
+
+    def step_link(self, role, name, rng):
+        """A signed link made, then followed without a token."""
+        if (picked := self.pick(role, rng)) is None:
+            return
+        image_id, digest = picked
+        made = Sent(LINKS, "POST", image_id=image_id)
+        answer = self.call(made, f"/images/{image_id}/links", role.user)
+        if self.judge(made, answer, 201):
+            used = Sent(LINK, "GET", via="link", image_id=image_id)
+            path = answer.json()["url"].removeprefix(self.service.url)
+            self.judge(used, self.note(used, request(self.service, "GET", path)), 200, digest)
+
+    def step_delete(self, role, name, rng):
+        with self.lock:
+            live = [i for i in self.pools[role.deletes] if i not in self.claimed]
+            if not live:
+                return
+            image_id = rng.choice(live)
+            self.claimed.add(image_id)
+        sent = Sent(IMAGE, "DELETE", image_id=image_id)
+        answer = self.call(sent, f"/images/{image_id}", role.user)
+        if answer.status != 204:
+            self.figures.error(f"delete of {image_id}: {answer.status} {answer.body[:100]!r}")
+            return
+        with self.lock:
+            del self.pools[role.deletes][image_id]
+
+    def step_list(self, role, name, rng):
+        sent = Sent(IMAGES, "GET")
+        self.judge(sent, self.call(sent, f"/images?page={rng.randint(1, 3)}", role.user), 200)
+
+    def step_team_list(self, role, name, rng):
+        sent = Sent(TEAM_LIST, "GET")
+        self.judge(sent, self.call(sent, "/n/dave/team/-/images", role.user), 200)
+
+
+# --- the counts scenario: the admin's part, and what is read from inside -----------------
+
+def quota_target(label):
+    """The quota commands' TARGET for a label: "user carol" is carol, "namespace team@dave"
+    team@dave."""
+    return label.split(" ", 1)[1]
+
+
+def limit_options(limit):
+    """The options of `quota set` for (most bytes, most images)."""
+    most_bytes, most_images = limit
+    return [*(["--bytes", str(most_bytes)] if most_bytes is not None else []),
+            *(["--images", str(most_images)] if most_images is not None else [])]
+
+
+def counts_accounts(service, quotas):
+    """The users and their tokens, dave's team (and team/sub; erin collaborates) and the
+    quotas, by the admin commands, a few at once (each is a process of a second or so)."""
+    users = [role.user for role in ROLES]
+    with ThreadPoolExecutor(4) as pool:
+        tokens = dict(zip(users, pool.map(service.token, users), strict=True))
+        service.flask("namespace", "create", "team/sub", "--owner", "dave")
+        commands = [("namespace", "add-collaborator", "team@dave", "erin")] + [
+            ("quota", "set", quota_target(label), *limit_options(limit))
+            for label, limit in quotas.items()]
+        list(pool.map(lambda args: service.flask(*args), commands))
+    return tokens
+
+
+USE_OF_USER = ('SELECT COALESCE(SUM(size), 0), COUNT(*) FROM image WHERE user_id = '
+               '(SELECT id FROM "user" WHERE username = ?)')
+USE_OF_TREE = ('SELECT COALESCE(SUM(size), 0), COUNT(*) FROM image WHERE namespace_id IN '
+               '(SELECT n.id FROM namespace n JOIN namespace r ON n.root_id = r.id '
+               'JOIN "user" u ON r.user_id = u.id '
+               'WHERE r.parent_id IS NULL AND r.path = ? AND u.username = ?)')
+
+
+def quota_use(db, labels):
+    """{label: (bytes, images)} as quotas.py counts them (a user's images wherever they are,
+    a root's whole tree), all read in one snapshot of db (a Reader): one moment's state."""
+    with db.snapshot() as query:
+        return {label: tuple(int(n) for n in query(*use_query(label))[0]) for label in labels}
+
+
+def use_query(label):
+    """The SQL and its arguments that count a quota's use."""
+    kind, target = label.split(" ", 1)
+    if kind == "user":
+        return USE_OF_USER, (target,)
+    return USE_OF_TREE, tuple(target.split("@"))
+
+
+def over_limit(use, limit):
+    """What of use (bytes, images) is past limit (most bytes, most images), in words; ''."""
+    return " and ".join(f"{used} {unit} of {most}" for used, most, unit
+                        in zip(use, limit, ("bytes", "images"), strict=True)
+                        if most is not None and used > most)
+
+
+def shown_use(said):
+    """(bytes, images) in use, from what `quota show` printed."""
+    found = dict(re.findall(r"^(bytes|images): (\d+) used", said, re.MULTILINE))
+    return int(found["bytes"]), int(found["images"])
+
+
+class QuotaWatch(InBackground):
+    """While the load runs, every quota's use read from the database again and again (one
+    read transaction a sample): no sample may find a quota past its limit. fullest: the most
+    each held, (bytes, images).
+
+    Not `quota show` meanwhile: every admin command recounts the stored images' totals that
+    /metrics shows (app.prepare_instance), which would hide any drift of them; it runs at the
+    end, after the last scrape."""
+
+    def __init__(self, service, quotas, figures):
+        self.service, self.quotas, self.figures = service, quotas, figures
+        self.samples, self.fullest = 0, {label: (0, 0) for label in quotas}
+        self.over = Counter()  # (label, where): samples that found the quota past its limit
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.sample)]
+
+    def sample(self):
+        try:
+            with Reader(self.service) as db:
+                while not self.stop.wait(0.05):
+                    self.judge(quota_use(db, self.quotas), "the database")
+                    self.samples += 1
+        except Exception as error:  # noqa: BLE001 - a sampler that stopped is a failure
+            self.figures.error(f"sampling the database stopped: {error!r}")
+
+    def judge(self, uses, where):
+        """Note how full each quota is; an error the first time one is found past its limit
+        (by where), and a count of the samples that found it so."""
+        for label, use in uses.items():
+            self.fullest[label] = tuple(map(max, self.fullest[label], use))
+            if past := over_limit(use, self.quotas[label]):
+                self.over[label, where] += 1
+                if self.over[label, where] == 1:
+                    self.figures.error(f"{where}: {label} holds {past}")
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        for (label, where), samples in self.over.items():
+            self.figures.notes.append(f"{samples} samples of {where} found {label} past its "
+                                      f"limit")
+
+
+def scrape(service):
+    """The samples of /metrics, {(name, sorted labels): value}, without those of the runner's
+    own requests (NOT_SCRAPED)."""
+    answer = request(service, "GET", "/metrics", METRICS_TOKEN)
+    if answer.status != 200:
+        raise RuntimeError(f"/metrics answered {answer.status}")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(answer.body.decode())
+            for sample in family.samples if sample.labels.get("route") not in NOT_SCRAPED}
+
+
+def differences(expected, found, most=6):
+    """The keys where two mappings differ (a missing one is 0), with both values, in words."""
+    keys = sorted(key for key in {*expected, *found} if expected.get(key, 0) != found.get(key, 0))
+    said = "; ".join(f"{key}: {expected.get(key, 0)} != {found.get(key, 0)}"
+                     for key in keys[:most])
+    return said + (f"; and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def kill_between_steps(run, figures):
+    """Hold the clients between two steps, kill -9 a worker and wait for the master's new
+    one: the figures must be what they were (the dead worker's files still count)."""
+    with run.gate.held():
+        before = scrape(run.service)
+        check_gauges(run.service, before, figures, "before the kill")
+        victim = run.service.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while victim in (pids := run.service.worker_pids()) or len(pids) < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError("no new worker within 60 s of the kill")
+            time.sleep(0.1)  # gunicorn tells nobody when a worker is up
+        after = scrape(run.service)
+        if after != before:
+            figures.error(f"the figures changed with the kill: {differences(before, after)}")
+    return victim
+
+
+# --- the counts scenario: what the clients saw against what was counted ------------------
+
+def metric(scraped, name, *labels):
+    """{the label values: value} of a metric's samples (those that are not 0)."""
+    return Counter({tuple(dict(key)[label] for label in labels): int(value)
+                    for (sample, key), value in scraped.items() if sample == name and value})
+
+
+def check_metrics(ledger, scraped, figures):
+    """/metrics against the ledger: uploads by outcome, requests by route, method and status,
+    downloads by way and status, the bytes of files sent."""
+    downloads = [s for s in ledger if s.via and s.status in (200, 206, 304)]
+    pairs = {
+        "uploads by outcome": (Counter((s.outcome,) for s in ledger if s.outcome),
+                               metric(scraped, "imagestore_uploads_total", "outcome")),
+        "requests": (Counter((s.route, s.method, str(s.status)) for s in ledger),
+                     metric(scraped, "imagestore_http_requests_total", "route", "method",
+                            "status")),
+        "downloads": (Counter((s.via, str(s.status)) for s in downloads),
+                      metric(scraped, "imagestore_downloads_total", "via", "status")),
+        "bytes sent": (Counter({(): sum(s.sent for s in downloads)}),
+                       metric(scraped, "imagestore_sent_bytes_total")),
+    }
+    for what, (seen, counted) in pairs.items():
+        if seen != counted:
+            figures.error(f"{what}: seen by the clients != counted by /metrics: "
+                          f"{differences(seen, counted)}")
+
+
+def check_gauges(service, scraped, figures, when):
+    """The stored images' gauges of a scrape against a recount of the database and of the
+    store, made while nothing changes them; the database's rows, {id: (sha256, size)}, and
+    the recount (images, bytes)."""
+    with Reader(service) as db, db.snapshot() as query:
+        rows = {i: (digest, size) for i, digest, size
+                in query("SELECT id, sha256, size FROM image")}
+    files = list(service.store.glob("*.qcow2"))
+    gauges = (scraped.get(("imagestore_stored_images", ())),
+              scraped.get(("imagestore_stored_image_bytes", ())))
+    recount = (len(rows), sum(size for _, size in rows.values()))
+    in_store = (len(files), sum(f.stat().st_size for f in files))
+    if not gauges == recount == in_store:
+        figures.error(f"stored (images, bytes) {when}: /metrics {gauges}, database "
+                      f"{recount}, store {in_store}")
+    return rows, recount
+
+
+def check_stored(run, scraped, figures):
+    """The stored images' gauges at the end (check_gauges), and the database's rows against
+    what the clients were answered (201s less 204s)."""
+    rows, recount = check_gauges(run.service, scraped, figures, "at the end")
+    stored = {s.image_id: s for s in run.ledger if s.outcome == "stored"}
+    deleted = {s.image_id for s in run.ledger if s.method == "DELETE" and s.status == 204}
+    live = set(stored) - deleted
+    for image_id in live:
+        if rows.get(image_id) != (stored[image_id].digest, stored[image_id].size):
+            figures.lost += 1
+            figures.notes.append(f"image {image_id} lost: {rows.get(image_id)}")
+    if set(rows) - live:
+        figures.error(f"rows that no client was answered 201 for, or deleted: "
+                      f"{sorted(set(rows) - live)[:10]}")
+    found = audit(run.service)
+    figures.orphans += found.orphans
+    figures.lost += found.bad_files
+    return recount
+
+
+def check_audit_log(ledger, path, figures):
+    """One audit line for each upload stored (its image, sha256 and bytes) or refused (its
+    rule), delete, download and link used (status and bytes sent), link made and failed
+    token, as the clients saw them; no other line. Returns the lines."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    downloads = [s for s in ledger if s.via and s.status in (200, 206, 304)]
+    answered = {
+        ("upload", "image_id", "sha256", "bytes"): [
+            (s.image_id, s.digest, s.size) for s in ledger if s.outcome == "stored"],
+        ("refuse", "rule"): [(s.outcome,) for s in ledger if s.outcome not in ("", "stored")],
+        ("delete", "image_id"): [(s.image_id,) for s in ledger
+                                 if s.method == "DELETE" and s.status == 204],
+        ("download", "image_id", "status", "bytes"): [
+            (s.image_id, s.status, s.sent) for s in downloads if s.via == "file"],
+        ("link.use", "image_id", "status", "bytes"): [
+            (s.image_id, s.status, s.sent) for s in downloads if s.via == "link"],
+        ("link.create", "image_id"): [(s.image_id,) for s in ledger
+                                      if s.route == LINKS and s.status == 201],
+        ("auth.failure", "status"): [(s.status,) for s in ledger if s.status == 401],
+    }
+    for (action, *keys), seen in answered.items():
+        written = Counter(tuple(line[key] for key in keys) for line in lines
+                          if line["action"] == action)
+        if written != Counter(seen):
+            figures.error(f"audit log, {action} by {', '.join(keys)}: seen by the clients != "
+                          f"written: {differences(Counter(seen), written)}")
+    unknown = {line["action"] for line in lines} - {action for action, *_ in answered}
+    if unknown:
+        figures.error(f"audit log has lines of {sorted(unknown)}, which no client caused")
+    return lines
+
+
+def window_use(upload, stored, deleted):
+    """What may have counted against one quota when upload was checked, from the stored
+    uploads of that quota and the deletes: ((bytes, images) surely there: answered 201 before
+    it started, not deleted before it was answered), ((bytes, images) maybe there: started
+    before it was answered, not deleted before it started)."""
+    sure = maybe = (0, 0)
+    for other in stored:
+        if other is upload:
+            continue
+        gone = deleted.get(other.image_id)
+        if other.answered < upload.started and (gone is None or gone.started > upload.answered):
+            sure = (sure[0] + other.size, sure[1] + 1)
+        if other.started < upload.answered and (gone is None or gone.answered > upload.started):
+            maybe = (maybe[0] + other.size, maybe[1] + 1)
+    return sure, maybe
+
+
+def stored_past(upload, bounds, quotas):
+    """Why a stored upload cannot have fitted beside what was surely there, or ''."""
+    for label, (sure, _) in bounds.items():
+        most_bytes, most_images = quotas[label]
+        if ((most_images is not None and sure[1] + 1 > most_images)
+                or (most_bytes is not None and sure[0] + upload.size > most_bytes)):
+            return (f"image {upload.image_id} ({upload.size} bytes) stored past the quota of "
+                    f"{label} {quotas[label]}: {sure} (bytes, images) were there already")
+    return ""
+
+
+def wrongly_refused(upload, bounds, quotas):
+    """What is wrong with a quota's refusal, or '': it must name a quota the upload counts
+    against, with its limit, a use between what was surely and maybe there, and no room."""
+    label, limit, unit, used, length = QUOTA_REFUSAL.match(
+        json.loads(upload.message)["message"]).groups()
+    index = 0 if unit == "byte" else 1
+    if label not in bounds or int(limit) != quotas[label][index]:
+        return f"refused by {label}'s {limit} {unit}s, not a quota of this upload: {upload}"
+    sure, maybe = (use[index] for use in bounds[label])
+    need = 1 if unit == "image" else int(length or 1)  # a chunked body's length is unknown
+    if not sure <= int(used) <= maybe or int(used) + need <= int(limit):
+        return (f"refused by {label} with {used} {unit}s in use of {limit} (+{need}); "
+                f"{sure} to {maybe} were there meanwhile")
+    return ""
+
+
+def check_quota_windows(ledger, quotas, figures):
+    """Each upload that counts against a quota, stored or refused by one, against what the
+    other uploads and the deletes may have left at its checks; how many of them were decided
+    in a race (what was surely and what was maybe there differed)."""
+    deleted = {s.image_id: s for s in ledger if s.method == "DELETE" and s.status == 204}
+    stored = {label: [s for s in ledger if s.outcome == "stored" and label in s.quotas]
+              for label in quotas}
+    if not any(s.outcome in QUOTA_OUTCOMES for s in ledger):
+        figures.error("no quota ever refused an upload: the load never reached the limits")
+    decided = raced = 0
+    for upload in ledger:
+        if not upload.quotas or upload.outcome not in {"stored", *QUOTA_OUTCOMES}:
+            continue
+        bounds = {label: window_use(upload, stored[label], deleted) for label in upload.quotas}
+        decided += 1
+        raced += any(sure != maybe for sure, maybe in bounds.values())
+        judge = stored_past if upload.outcome == "stored" else wrongly_refused
+        if problem := judge(upload, bounds, quotas):
+            figures.error(problem)
+    return decided, raced
+
+
+def check_final_quotas(service, quotas, figures):
+    """Each quota's use at the end, from the database and from `quota show`: the same, and
+    within its limit."""
+    with Reader(service) as db:
+        use = quota_use(db, quotas)
+    with ThreadPoolExecutor(4) as pool:
+        shown = dict(zip(quotas, pool.map(
+            lambda label: shown_use(service.flask("quota", "show", quota_target(label))),
+            quotas), strict=True))
+    for label, limit in quotas.items():
+        if use[label] != shown[label] or over_limit(use[label], limit):
+            figures.error(f"{label} at the end: database {use[label]}, quota show "
+                          f"{shown[label]}, limit {limit}")
+    return use
+
+
+@contextlib.contextmanager
+def database_env(postgres):
+    """The environment that puts a service's database on PostgreSQL, in a fresh schema of
+    the database at the URL postgres, dropped after the block; {} (SQLite) without one."""
+    if not postgres:
+        yield {}
+        return
+    schemas = PostgresSchemas(postgres)  # the tests' own, named so that stale ones go
+    try:
+        yield {"DATABASE_URL": schemas.new()}
+    finally:
+        schemas.drop_all()
+
+
+def scenario_counts(figures, base, clients, seconds, images, short, postgres=None):
+    """Many clients of five users, four of them under quotas, mix every kind of upload and
+    read for seconds on 2 workers, one of which is killed halfway; then /metrics, the audit
+    log, the database and the quotas must agree with what the clients were answered. On
+    SQLite, or on PostgreSQL at the URL postgres."""
+    quotas, hostile = counts_quotas(short), make_hostile(base / "hostile")
+    audit_log = base / "counts-audit.log"
+    env = {"AUDIT_LOG": str(audit_log), "METRICS_TOKEN": METRICS_TOKEN, "MAX_IMAGE_SIZE": "4M"}
+    with (database_env(postgres) as database,
+          serving(base / "counts", figures, env | database, workers=2) as service):
+        run = CountsRun(service, counts_accounts(service, quotas), images, hostile, figures)
+        run.seed()
+        with QuotaWatch(service, quotas, figures) as watch:
+            run.start(clients)
+            time.sleep(seconds / 2)
+            victim = kill_between_steps(run, figures)
+            time.sleep(seconds / 2)
+            run.finish()
+        scrapes = [scrape(service) for _ in range(4)]  # whichever worker answers
+        if any(other != scrapes[0] for other in scrapes):
+            figures.error("two scrapes differ: " + "; ".join(
+                differences(scrapes[0], other) for other in scrapes if other != scrapes[0]))
+        check_metrics(run.ledger, scrapes[0], figures)
+        stored = check_stored(run, scrapes[0], figures)
+        lines = check_audit_log(run.ledger, audit_log, figures)
+        decided, raced = check_quota_windows(run.ledger, quotas, figures)
+        final = check_final_quotas(service, quotas, figures)
+        figures.notes[:0] = counts_notes(run, clients, seconds, victim, stored, len(lines),
+                                         watch, (decided, raced), final, quotas)
+        figures.notes[0] = f"on {'PostgreSQL' if postgres else 'SQLite'}: {figures.notes[0]}"
+
+
+def counts_notes(run, clients, seconds, victim, stored, lines, watch, decisions, final, quotas):
+    """The scenario's report: what was sent and answered, and how full each quota got."""
+    outcomes = Counter(s.outcome for s in run.ledger if s.outcome)
+    total, by_quota = sum(outcomes.values()), sum(outcomes[o] for o in QUOTA_OUTCOMES)
+    by_file = sum(outcomes[rule] for rule in {rule for _, _, rule in HOSTILE_UPLOADS})
+    other = total - outcomes["stored"] - by_quota - by_file - outcomes["broken_body"]
+    fullest = "; ".join(f"{label} {describe_use(watch.fullest[label], quotas[label])} "
+                        f"(at the end {describe_use(final[label], quotas[label])})"
+                        for label in quotas)
+    return [
+        f"{sum(clients)} clients of {len(ROLES)} users for {seconds} s on 2 workers, worker "
+        f"{victim} killed with kill -9 halfway, between two requests; {total} uploads "
+        f"answered: {outcomes['stored']} stored, {by_quota} refused by a quota, {by_file} by a "
+        f"rule of the file, {outcomes['broken_body']} cut off, {other} other refusals "
+        f"({len(outcomes)} outcomes in all)",
+        f"/metrics (uploads by outcome, requests, downloads, bytes sent, stored images: "
+        f"{stored[0]} of {stored[1]} bytes), the audit log ({lines} lines), the database and "
+        f"the store {'checked' if run.figures.errors else 'agree with'} the "
+        f"{len(run.ledger)} answers",
+        "by outcome: " + ", ".join(f"{o} {n}" for o, n in outcomes.most_common())
+        + "; downloads: " + ", ".join(f"{via} {status} {n}" for (via, status), n in sorted(
+            Counter((s.via, s.status) for s in run.ledger if s.via).items()))
+        + "; " + ", ".join(f"{n} {what}" for what, n in sorted(Counter(
+            f"{s.method} {s.status}" for s in run.ledger
+            if not s.via and not s.outcome).items())) + " besides",
+        f"quotas, fullest during the run and at the end: {fullest}; {watch.samples} samples "
+        f"of the database, `quota show` at the end; {decisions[1]} of {decisions[0]} quota "
+        f"decisions made while another upload of the quota was under way",
+    ]
+
+
+def describe_use(use, limit):
+    """'5.9 of 6.0 MB, 11 images' for (bytes, images) used under (most bytes, most images)."""
+    most_bytes, most_images = limit
+    return (f"{use[0] / 1e6:.2f}" + (f" of {most_bytes / 1e6:.2f}" if most_bytes else "")
+            + f" MB, {use[1]}" + (f" of {most_images}" if most_images else "") + " images")
+
+
 # --- main -------------------------------------------------------------------------------
 
 def table(results):
@@ -1044,10 +1913,11 @@ def table(results):
     return "\n".join(lines)
 
 
-SCENARIOS = ("load", "kill", "diskfull", "slow", "qemubusy", "dbdiskfull", "sweep", "silent")
+SCENARIOS = ("load", "kill", "diskfull", "slow", "qemubusy", "dbdiskfull", "sweep", "silent",
+             "counts")
 
 
-def scenario_calls(base, short, disk):
+def scenario_calls(base, short, disk, postgres=None):
     """Each scenario's name and a call that runs it on a Figures, short form or full."""
     images = [make_image(base / f"v{n}.qcow2", (n + 1) * 64 << 10, n + 1) for n in range(6)]
     big = make_image(base / "big.qcow2", 6 << 20, 0x5A)
@@ -1061,6 +1931,9 @@ def scenario_calls(base, short, disk):
         "dbdiskfull": lambda f: scenario_dbdiskfull(f, base, big, images[0], disk),
         "sweep": lambda f: scenario_sweep(f, base, 8, 8 if short else 30, images),
         "silent": lambda f: scenario_silent(f, base, 600, 50, 8 if short else 30, images[0]),
+        # Clients of bob, carol, dave, erin and frank (ROLES).
+        "counts": lambda f: scenario_counts(f, base, (3, 2, 1, 1, 2) if short else (5, 3, 2, 2, 3),
+                                            12 if short else 60, images, short, postgres),
     }
 
 
@@ -1086,6 +1959,9 @@ def parse_args(argv):
                         help=f"comma-separated scenarios to run, of {', '.join(SCENARIOS)}")
     parser.add_argument("--disk", choices=("tmpfs", "ext4"), default="tmpfs",
                         help="the small filesystem of the disk-full scenarios")
+    parser.add_argument("--postgres", metavar="URL",
+                        help="run counts on PostgreSQL, in a fresh schema of the database at "
+                             "URL (the others always run on SQLite)")
     parser.add_argument("--keep", metavar="DIR",
                         help="work in DIR and keep it (instances, server logs) for a look after")
     args = parser.parse_args(argv)
@@ -1106,7 +1982,7 @@ def main(argv=None):
         else:
             base = Path(stack.enter_context(
                 tempfile.TemporaryDirectory(prefix="imagestore-reliability-")))
-        calls = scenario_calls(base, args.short, args.disk)
+        calls = scenario_calls(base, args.short, args.disk, args.postgres)
         results = [run_scenario(name, calls[name]) for name in SCENARIOS if name in args.only]
     print(table(results))
     for f in results:

@@ -5,7 +5,8 @@ Every test that uses `app` runs on SQLite, and again on PostgreSQL when
 TEST_DATABASE_URL=postgresql://... is set (.ci/run sets it): the database fixtures are in
 db_fixtures.py. S3 tests talk to a real S3 protocol server on loopback, moto_server: the
 fixtures are in s3_fixtures.py. The good and hostile images of the inspection and upload
-tests are in image_fixtures.py. The real gunicorn is harness.py's (at the project's top:
+tests are in image_fixtures.py, and those of the client's tests (tests/test_client*.py) in
+client_fixtures.py. The real gunicorn is harness.py's (at the project's top:
 bench/run.py and reliability/run.py start theirs with it too).
 """
 
@@ -21,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-PLUGINS = ["db_fixtures", "s3_fixtures", "image_fixtures"]
+PLUGINS = ["db_fixtures", "s3_fixtures", "image_fixtures", "client_fixtures"]
 # Imported below before pytest loads them as plugins: have their asserts rewritten all the same.
 pytest.register_assert_rewrite(*PLUGINS)
 

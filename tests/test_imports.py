@@ -1,10 +1,11 @@
 """Imports from a URL (POST /images with a JSON body): the checks of the POST, the fetch
-under every rule of an upload against real servers on loopback, the 409 until the file
-is in, and what a restart does with an import that was cut off.
+under every rule of an upload against real servers on loopback, the quotas, the 409 until
+the file is in, the job that runs it (jobs.py), its `downloaded` webhook event, and what a
+restart or a killed worker does with an import that was cut off.
 
-Until jobs.py lands the fetch is run here, from the payload that the POST queued: the
-`queued` fixture keeps each payload that imports.queue_fetch is handed, and `run_queued`
-runs it with the job's own handler (imports.job_handler), as a worker's thread would.
+The POST queues a job in the Job table; `run_queued` runs the due jobs here with
+jobs.run_due_jobs(), as a worker's job thread would. The end-to-end tests leave that to
+the job threads of a real gunicorn.
 """
 
 import hashlib
@@ -12,13 +13,12 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
+import time
 
 import pytest
 import sample_images
-from conftest import ROOT, TEST_SECRET_KEY, files_under, server_with_account
+from conftest import files_under, server_with_account
 from origin_servers import (
     WAIT,
     basic_auth,
@@ -28,11 +28,17 @@ from origin_servers import (
     stall,
     stream,
 )
+from test_audit import lines_of, token_id, without_time
+from test_metrics import figure, grown, scrape
+from test_webhooks import SECRET, Receiver
 
 import imports
+import jobs
 from config import load_config
-from models import Image, Namespace, db, utcnow
+from models import Image, Job, Namespace, db, utcnow
+from namespaces import ensure_namespace
 from qcow2 import HEADER_READ_SIZE
+from quotas import set_quota
 
 MIB = 1 << 20
 
@@ -50,25 +56,21 @@ def origin():
         yield server
 
 
-@pytest.fixture
-def queued(monkeypatch):
-    """The payloads that POSTs queued (jobs.enqueue's, once jobs.py is merged)."""
-    payloads = []
-    monkeypatch.setattr(imports, "queue_fetch",
-                        lambda *args: payloads.append(imports.job_payload(*args)))
-    return payloads
+def queued():
+    """The payloads of the import jobs in the Job table, oldest first."""
+    return [json.loads(job.payload) for job in
+            Job.select().where(Job.kind == imports.JOB_KIND).order_by(Job.id)]
 
 
 @pytest.fixture
-def run_queued(app, queued):
-    """Run every queued import with the job's handler; return the last image's row."""
+def run_queued(app):
+    """Run the due jobs, as a worker's job thread would; return the row of the image that
+    the last queued import job was for."""
 
     def run():
-        handler = imports.job_handler(app.extensions["storage"], app.config)
-        while queued:
-            payload = queued.pop(0)
-            handler(payload)
-        return Image.get_by_id(payload["image_id"])
+        last = queued()[-1]
+        assert jobs.run_due_jobs() >= 1
+        return Image.get_by_id(last["image_id"])
 
     return run
 
@@ -123,7 +125,7 @@ def test_the_settings_of_imports_are_read_from_the_environment(tmp_path):
 # --- the POST ----------------------------------------------------------------------------
 
 def test_a_json_body_creates_the_image_at_once_with_its_file_still_to_come(
-        post_import, queued, client, alice):
+        post_import, client, alice):
     url = "https://images.example.com/alpine.qcow2"
     created = post_import(name="alpine", namespace="djinn", download_url=url)
     assert created.status_code == 201
@@ -135,7 +137,7 @@ def test_a_json_body_creates_the_image_at_once_with_its_file_still_to_come(
     assert row.download_source == url and row.download_created_at is not None
     assert (row.download_started_at, row.download_finished_at, row.download_error) == (
         None, None, None)
-    assert queued == [{"image_id": body["id"], "credentials": None,
+    assert queued() == [{"image_id": body["id"], "credentials": None,
                        "base_url": "http://localhost"}]
     assert client.get(f"/images/{body['id']}", headers=alice.headers).json == body
 
@@ -210,7 +212,7 @@ def test_a_body_that_is_not_one_small_json_object_is_refused(post_import, raw, s
     assert (answer.status_code, answer.json) == (status, {"message": message})
 
 
-def test_the_source_is_kept_as_given_but_for_the_password(post_import, client, alice, queued):
+def test_the_source_is_kept_as_given_but_for_the_password(post_import, client, alice):
     """Djinn lowercased the source it showed, and its job panicked on a URL with user and
     password: here the URL is kept as written, the password taken out, and it goes to the
     job alone."""
@@ -219,7 +221,7 @@ def test_the_source_is_kept_as_given_but_for_the_password(post_import, client, a
     assert created.status_code == 201
     row = Image.get_by_id(created.json["id"])
     assert row.download_source == "https://Alice@Images.Example.COM/Alpine/Edge.QCOW2?Token=AbC"
-    assert queued[0]["credentials"] == ["Alice", "S3cret!"]
+    assert queued()[0]["credentials"] == ["Alice", "S3cret!"]
     shown = client.get(f"/images/{row.id}", headers=alice.headers).get_data(as_text=True)
     assert "S3cret" not in shown
 
@@ -350,8 +352,13 @@ def test_the_url_user_and_password_are_sent_as_basic_auth_and_never_shown(
     assert failed(app, row) == "HTTP 404 Not Found"
     assert row.download_source == origin.url("/other.qcow2", "localhost", userinfo="robot@")
     listing = client.get("/images", headers=alice.headers).get_data(as_text=True)
-    for shown in (listing, caplog.text, row.download_error):
+    # Peewee's own DEBUG lines show the values of every SQL statement (the job's payload
+    # as it is written, a webhook's secret alike): a developer's tool, off unless turned on.
+    logged = "\n".join(record.getMessage() for record in caplog.records
+                       if record.name.split(".")[0] != "peewee")
+    for shown in (listing, logged, row.download_error):
         assert "pa:ss" not in shown and "pa%3Ass" not in shown
+    assert Job.select().count() == 0  # the jobs that held the password are done, and gone
 
 
 def test_a_host_that_resolves_to_loopback_is_refused_and_nothing_reaches_it(
@@ -380,7 +387,7 @@ def test_a_redirect_to_an_allowed_host_is_followed(origin, import_served, qcow2_
 
 
 def test_an_import_deleted_while_it_is_fetched_leaves_no_file(
-        origin, post_import, queued, app, qcow2_bytes, store_files):
+        origin, post_import, app, qcow2_bytes, store_files):
     def delete_then_serve(handler):
         Image.delete().execute()
         db.close()  # this server thread's own connection
@@ -389,7 +396,7 @@ def test_an_import_deleted_while_it_is_fetched_leaves_no_file(
     origin.routes["/image.qcow2"] = delete_then_serve
     url = origin.url("/image.qcow2", "localhost")
     image_id = post_import(name="a", download_url=url).json["id"]
-    imports.job_handler(app.extensions["storage"], app.config)(queued.pop())
+    assert jobs.run_due_jobs() == 1
     assert Image.get_or_none(Image.id == image_id) is None
     assert [name for name in store_files() if not name.startswith(".")] == []
     assert staged_files(app) == []
@@ -405,15 +412,16 @@ def test_a_pending_import_can_be_deleted_and_its_job_then_does_nothing(
     assert origin.requests == []
 
 
-def test_a_finished_import_run_again_changes_nothing(origin, post_import, queued, app,
+def test_a_finished_import_run_again_changes_nothing(origin, post_import, app,
                                                      qcow2_bytes):
     """A job taken over after its worker died runs again; the import is done already."""
     origin.routes["/image.qcow2"] = serve(qcow2_bytes)
     post_import(name="a", download_url=origin.url("/image.qcow2", "localhost"))
     handler = imports.job_handler(app.extensions["storage"], app.config)
-    handler(queued[0])
-    first = Image.get_by_id(queued[0]["image_id"])
-    handler(queued[0])
+    [payload] = queued()
+    handler(payload)
+    first = Image.get_by_id(payload["image_id"])
+    handler(payload)
     assert Image.get_by_id(first.id).storage_key == first.storage_key
     assert origin.hits("/image.qcow2") == 1
 
@@ -444,94 +452,329 @@ def test_at_start_an_import_that_no_job_will_run_fails_as_interrupted(alice, upl
     assert Image.get_by_id(uploaded).download_finished_at is None
 
 
-def test_a_restart_fails_what_was_cut_off_and_its_file_answers_409(
-        make_app, app, alice, client):
-    row = pending_import(alice, "cut-off", download_started_at=utcnow())
+def import_jobs():
+    """The import jobs in the Job table, oldest first."""
+    return list(Job.select().where(Job.kind == imports.JOB_KIND).order_by(Job.id))
+
+
+def test_a_start_keeps_the_imports_a_job_will_run_and_fails_the_others(
+        make_app, app, alice, post_import):
+    """`queued` waits for a job thread and `running` is held by a live worker: both stay
+    pending. `lost` has no job left, and the job of `given-up` failed before it could
+    tell its import: both fail as interrupted, and their file answers 409 saying so."""
+    ids = {name: post_import(name=name, download_url=f"https://example.com/{name}.qcow2"
+                             ).json["id"] for name in ("queued", "running", "given-up")}
+    _, running, given_up = import_jobs()
+    Job.update(claimed_by="elsewhere:1234:alive", claimed_until=jobs.database_now() + 3600,
+               attempts=1).where(Job.id == running.id).execute()
+    Job.update(state=jobs.FAILED).where(Job.id == given_up.id).execute()
+    ids["lost"] = pending_import(alice, "lost", download_started_at=utcnow()).id
     restarted = make_app()  # prepare_instance, as at every start
-    answer = get_file(restarted.test_client(), alice, row.id)
+    errors = {name: Image.get_by_id(image_id).download_error for name, image_id in ids.items()}
+    assert errors == {"queued": None, "running": None, "given-up": "interrupted",
+                      "lost": "interrupted"}
+    answer = get_file(restarted.test_client(), alice, ids["lost"])
     assert (answer.status_code, answer.json) == (
         409, {"message": "Image download failed: interrupted"})
 
 
-# A worker's thread running an import, in a process of its own that the test can kill.
-IMPORT_WORKER = r"""
-import sys
-
-import imports
-from app import create_app
-
-database, storage, instance, image_id = sys.argv[1:]
-app = create_app({"DATABASE_URL": database, "STORAGE_URL": storage, "SECRET_KEY": KEY,
-                  "DOWNLOAD_ALLOW_HOSTS": frozenset({"localhost"})},
-                 instance_path=instance, prepare=False)
-imports.run_import(int(image_id), app.extensions["storage"], app.config)
-""".replace("KEY", repr(TEST_SECRET_KEY))
-
-
-@pytest.mark.slow
-def test_an_import_whose_process_is_killed_fails_as_interrupted_at_the_restart(
-        make_app, app, database_url, tmp_path, origin, post_import, client, alice, qcow2_bytes):
-    """kill -9 in the middle of the transfer: the restart removes the half-written file
-    and fails the import with "interrupted" (with jobs.py, a lease takeover runs it again)."""
-    asked = threading.Event()
-    stalled = stall(origin, start=qcow2_bytes[:2 * HEADER_READ_SIZE], length=len(qcow2_bytes))
-    origin.routes["/image.qcow2"] = lambda handler: (asked.set(), stalled(handler))
-    url = origin.url("/image.qcow2", "localhost")
+def test_an_import_whose_last_try_never_finished_fails_and_its_job_keeps_no_password(
+        app, post_import):
+    """Its worker died in every try, so jobs.py fails the job instead of running it again:
+    the import fails as interrupted, and the failed job (kept for `job list`) has lost the
+    URL's password."""
+    url = "https://robot:hunter2@example.com/a.qcow2"
     image_id = post_import(name="a", download_url=url).json["id"]
-    staging = app.extensions["storage"].staging_folder
-    worker = subprocess.Popen([sys.executable, "-c", IMPORT_WORKER, database_url,
-                               app.config["STORAGE_URL"], str(tmp_path / "worker"), str(image_id)],
-                              cwd=ROOT)
+    tries = jobs.KINDS[imports.JOB_KIND].max_attempts
+    Job.update(attempts=tries, claimed_by="elsewhere:1234:dead", claimed_until=0).execute()
+    assert jobs.run_due_jobs() == 1
+    [job] = import_jobs()
+    assert (job.state, job.last_error) == (
+        "failed", f"try {tries} did not finish (its worker stopped)")
+    assert json.loads(job.payload) == {"image_id": image_id, "credentials": None,
+                                       "base_url": "http://localhost"}
+    row = Image.get_by_id(image_id)
+    assert (row.download_error, row.download_finished_at is not None) == ("interrupted", True)
+
+
+def slow_first(origin, body, started):
+    """A route that sends its first request body's first 128 KiB, sets started, and then
+    16 bytes at a time, never quite to the end, until the client goes away (or the origin
+    closes); a later request gets the whole body at once."""
+    asked = []
+
+    def route(handler):
+        asked.append(handler.path)
+        if len(asked) > 1:
+            return serve(body)(handler)
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body[:2 * HEADER_READ_SIZE])
+        handler.wfile.flush()
+        started.set()
+        for offset in range(2 * HEADER_READ_SIZE, len(body) - 32, 16):
+            if origin.release.wait(0.05):
+                return None
+            handler.wfile.write(body[offset:offset + 16])
+            handler.wfile.flush()
+        return None
+
+    return route
+
+
+def test_an_import_cut_short_by_its_process_stopping_is_handed_back_and_runs_again(
+        app, origin, post_import, job_threads, qcow2_bytes):
+    """A worker that exits (a deploy, a restart) stops its job threads: the transfer is
+    cut at once, the staged file removed, and the job handed back, its try not counted,
+    to run again from the start wherever job threads run."""
+    started = threading.Event()
+    origin.routes["/image.qcow2"] = slow_first(origin, qcow2_bytes, started)
+    job_threads(app)
+    image_id = post_import(name="a", download_url=origin.url("/image.qcow2", "localhost")
+                           ).json["id"]
+    assert started.wait(WAIT)
+    jobs.stop_job_threads(timeout=WAIT)
+    [job] = import_jobs()
+    assert (job.state, job.attempts, job.claimed_by) == ("pending", 0, None)
+    assert Image.get_by_id(image_id).download_finished_at is None
+    assert staged_files(app) == []
+    assert jobs.run_due_jobs() == 1
+    assert Image.get_by_id(image_id).sha256 == hashlib.sha256(qcow2_bytes).hexdigest()
+    assert origin.hits("/image.qcow2") == 2
+
+
+def test_a_transfer_that_takes_longer_than_its_time_fails(
+        app, origin, qcow2_bytes, import_served, monkeypatch):
+    """However slowly a server sends (never stalling), an import ends: a transfer gets
+    MAX_IMAGE_SIZE at 1 MiB/s, an hour at least (here, 0.3 s at least)."""
+    monkeypatch.setattr(imports, "MIN_TRANSFER_SECONDS", 0.3)
+    app.config.update(MAX_IMAGE_SIZE=len(qcow2_bytes), DOWNLOAD_STALL_TIMEOUT=WAIT)
+    row = import_served(slow_first(origin, qcow2_bytes, threading.Event()))
+    assert failed(app, row) == "timed out: the transfer took more than 0.3 s"
+
+
+# --- quotas ------------------------------------------------------------------------------
+
+def test_a_content_length_past_the_quota_fails_the_import_before_the_body_is_read(
+        app, alice, origin, qcow2_bytes, import_served):
+    """The row counts as one image from the POST; its bytes are checked as soon as the
+    origin says how many there are."""
+    set_quota(alice.user, max_bytes=MIB)
+    too_many = stream(origin, qcow2_bytes[:HEADER_READ_SIZE], total=256 * MIB)
+    assert failed(app, import_served(too_many)) == (
+        "Quota exceeded: user alice may keep 1048576 bytes; 0 in use, and this image is "
+        "268435456 bytes")
+    assert origin.done.wait(WAIT)
+    assert origin.sent < 64 * MIB
+
+
+def test_a_namespace_quota_counts_an_import_into_its_children(
+        app, alice, origin, qcow2_bytes, post_import, run_queued):
+    set_quota(ensure_namespace(alice.user, ["team"]), max_bytes=MIB)
+    origin.routes["/image.qcow2"] = stream(origin, qcow2_bytes[:HEADER_READ_SIZE],
+                                           total=2 * MIB)
+    post_import(name="a", namespace="team/sub", download_url=origin.url("/image.qcow2",
+                                                                        "localhost"))
+    assert failed(app, run_queued()) == (
+        "Quota exceeded: namespace team@alice may keep 1048576 bytes; 0 in use, and this "
+        "image is 2097152 bytes")
+
+
+def test_a_body_without_length_is_checked_against_the_quota_when_recorded(
+        app, alice, origin, qcow2_bytes, import_served, store_files):
+    set_quota(alice.user, max_bytes=len(qcow2_bytes) - 1)
+    row = import_served(serve(qcow2_bytes, length=False))
+    assert failed(app, row) == (
+        f"Quota exceeded: user alice may keep {len(qcow2_bytes) - 1} bytes; 0 in use, and "
+        f"this image is {len(qcow2_bytes)} bytes")
+    assert [name for name in store_files() if not name.startswith(".")] == []
+
+
+def test_an_import_that_fills_the_quota_exactly_is_stored_counting_itself_once(
+        alice, qcow2_bytes, import_served):
+    set_quota(alice.user, max_bytes=len(qcow2_bytes), max_images=1)
+    row = import_served(serve(qcow2_bytes))
+    assert (row.download_error, row.size) == (None, len(qcow2_bytes))
+
+
+# --- webhooks ----------------------------------------------------------------------------
+
+def test_the_namespaces_webhooks_hear_when_an_import_ends_well_or_not(
+        origin, post_import, runner, client, alice, qcow2_bytes):
+    team = Receiver()
     try:
-        assert asked.wait(WAIT)  # the staged file is made before the request is sent
-        assert [name for name in os.listdir(staging) if name.endswith(".part")]
+        runner.invoke(args=["namespace", "create", "team", "--owner", "alice"])
+        runner.invoke(args=["webhook", "create", "team@alice", team.url, "--secret", SECRET])
+        origin.routes["/good.qcow2"] = serve(qcow2_bytes)
+        for name in ("good", "gone"):
+            post_import(name=name, namespace="team",
+                        download_url=origin.url(f"/{name}.qcow2", "localhost"))
+        assert jobs.run_due_jobs() == 6  # the two imports, then four deliveries
+        sent = team.wait_for(4)
     finally:
-        os.kill(worker.pid, signal.SIGKILL)
-        worker.wait(WAIT)
-    assert Image.get_by_id(image_id).download_started_at is not None
-    restarted = make_app()  # prepare_instance, as at every start
-    assert files_under(staging) == []
-    answer = get_file(restarted.test_client(), alice, image_id)
-    assert (answer.status_code, answer.json) == (
-        409, {"message": "Image download failed: interrupted"})
+        team.close()
+    assert all(request["signed"] for request in sent)
+    events = [json.loads(request["body"]) for request in sent]
+    downloaded = {event["image"]["name"]: event["image"] for event in events
+                  if event["action"] == "downloaded"}
+    good = client.get(f"/images/{downloaded['good']['id']}", headers=alice.headers).json
+    assert downloaded["good"] == good and good["sha256"] is not None
+    assert downloaded["gone"]["download"]["error"] == "HTTP 404 Not Found"
+    assert sorted(event["action"] for event in events) == [
+        "created", "created", "downloaded", "downloaded"]
+
+
+# --- metrics and the audit log ----------------------------------------------------------
+
+def imports_counted(found):
+    """The imports counted in a grown() of /metrics, by outcome."""
+    return {labels[0][1]: value for (name, labels), value in found.items()
+            if name == "imagestore_imports_total"}
+
+
+def test_imports_are_counted_by_outcome_and_a_stored_one_joins_the_stored_images(
+        app, make_app, client, alice, bob, origin, qcow2_bytes, post_import):
+    app.config["MAX_IMAGE_SIZE"] = MIB
+    set_quota(bob.user, max_bytes=1000)
+    origin.routes.update({
+        "/good.qcow2": serve(qcow2_bytes),
+        "/garbage.qcow2": serve(b"<html>not an image</html>\n" * 4000),
+        "/huge.qcow2": stream(origin, qcow2_bytes[:HEADER_READ_SIZE], total=MIB + 1),
+        "/elsewhere.qcow2": redirect(origin.url("/good.qcow2")),  # to 127.0.0.1
+    })
+    before = scrape(client)
+    for name in ("good", "gone", "garbage", "huge", "elsewhere"):
+        post_import(name=name, download_url=origin.url(f"/{name}.qcow2", "localhost"))
+    post_import(account=bob, name="big", download_url=origin.url("/good.qcow2", "localhost"))
+    pending_import(alice, "lost", download_started_at=utcnow())
+    assert jobs.run_due_jobs() == 6
+    stored = grown(before, scrape(client))
+    assert (figure(stored, "imagestore_stored_images"),
+            figure(stored, "imagestore_stored_image_bytes")) == (1, len(qcow2_bytes))
+    make_app()  # a start: the lost one fails as interrupted
+    assert imports_counted(grown(before, scrape(client))) == {
+        "stored": 1, "http_error": 1, "not_qcow2": 1, "too_large": 1, "refused_address": 1,
+        "quota": 1, "interrupted": 1}
+
+
+def test_an_import_is_audited_when_posted_and_when_it_ends_never_with_the_password(
+        make_app, make_account, tmp_path, origin, qcow2_bytes):
+    path = tmp_path / "audit.log"
+    app = make_app(AUDIT_LOG=str(path), DOWNLOAD_ALLOW_HOSTS=frozenset({"localhost"}))
+    client, alice = app.test_client(), make_account("alice")
+    origin.routes["/alpine.qcow2"] = basic_auth("robot", "hunter2", serve(qcow2_bytes))
+    ids = {}
+    for name in ("alpine", "gone"):
+        url = origin.url(f"/{name}.qcow2", "localhost", userinfo="robot:hunter2@")
+        ids[name] = client.post("/images", headers=alice.headers, json={
+            "name": name, "namespace": "djinn", "download_url": url}).json["id"]
+    assert jobs.run_due_jobs() == 2
+    row = Image.get_by_id(ids["alpine"])
+    by_alice = {"user": "alice", "token_id": token_id(alice), "client": "127.0.0.1"}
+    by_the_import = {"user": "alice", "token_id": None, "client": None}
+
+    def image(name, sha256=None, size=None):
+        return {"image_id": ids[name], "name": name, "namespace": "djinn@alice",
+                "sha256": sha256, "bytes": size,
+                "source": origin.url(f"/{name}.qcow2", "localhost")}
+
+    assert without_time(lines_of(path)) == [
+        {"action": "import", **by_alice, **image("alpine"), "status": 201},
+        {"action": "import", **by_alice, **image("gone"), "status": 201},
+        {"action": "import", **by_the_import, **image("alpine", row.sha256, row.size),
+         "status": None, "outcome": "stored", "error": None},
+        {"action": "import", **by_the_import, **image("gone"), "status": None,
+         "outcome": "http_error", "error": "HTTP 404 Not Found"},
+    ]
+    assert "hunter2" not in path.read_text()
 
 
 # --- end to end --------------------------------------------------------------------------
 
-def test_an_import_through_gunicorn_is_answered_at_once_and_then_downloadable(
-        tmp_path, qcow2_bytes):
-    """The POST through the real server; the fetch run here against the same instance, as
-    a job of the server's workers will run it."""
-    from app import create_app
-
-    with origin_server() as origin, server_with_account(
-            tmp_path / "live", "alice", {"DOWNLOAD_ALLOW_HOSTS": "localhost"}) as server:
-        origin.routes["/alpine.qcow2"] = serve(qcow2_bytes)
-        url = origin.url("/alpine.qcow2", "localhost")
-        created = server_request(server, "POST", "/images", json.dumps(
-            {"name": "alpine", "namespace": "djinn", "download_url": url}).encode(),
-            {"Content-Type": "application/json"})
-        assert created[0] == 201
-        image_id = json.loads(created[1])["id"]
-        assert server_request(server, "GET", f"/images/{image_id}", None,
-                              {"Accept": "application/octet-stream"})[0] == 409
-        app = create_app({"DOWNLOAD_ALLOW_HOSTS": frozenset({"localhost"})},
-                         instance_path=str(server.instance), prepare=False)
-        imports.run_import(image_id, app.extensions["storage"], app.config)
-        assert server_request(server, "GET", f"/images/{image_id}", None,
-                              {"Accept": "application/octet-stream"}) == (200, qcow2_bytes)
-
-
-def server_request(server, method, path, body, headers):
+def server_request(server, method, path, body=None, headers=None):
     """(status, body) of one request to the live server with its account's token."""
     import urllib.error
     import urllib.request
 
     request = urllib.request.Request(server.url + path, data=body, method=method,
-                                     headers={**server.headers, **headers})
+                                     headers={**server.headers, **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=WAIT) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
 
+
+def post_to(server, url, name="alpine"):
+    """POST an import of url to the live server; the image's id."""
+    status, body = server_request(server, "POST", "/images", json.dumps(
+        {"name": name, "namespace": "djinn", "download_url": url}).encode(),
+        {"Content-Type": "application/json"})
+    assert status == 201, body
+    return json.loads(body)["id"]
+
+
+def finished(server, image_id):
+    """The image's JSON once its download has finished (done by the server's job threads),
+    polled with a generous deadline."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        status, body = server_request(server, "GET", f"/images/{image_id}")
+        image = json.loads(body)
+        if status != 200 or image["download"]["finished_at"] is not None:
+            return image
+        assert time.monotonic() < deadline, f"import {image_id} not done in {WAIT} s"
+        time.sleep(0.05)  # the JSON is all there is to watch from outside
+
+
+def disk_of(server, image_id):
+    return server_request(server, "GET", f"/images/{image_id}", None,
+                          {"Accept": "application/octet-stream"})
+
+
+def test_an_import_through_gunicorn_is_answered_at_once_and_then_downloadable(
+        tmp_path, qcow2_bytes):
+    """The POST through the real server, then its workers' job threads fetch the file."""
+    release = threading.Event()
+    with origin_server() as origin, server_with_account(
+            tmp_path / "live", "alice", {"DOWNLOAD_ALLOW_HOSTS": "localhost"}) as server:
+        # The file waits until the 409 of an import still running has been seen.
+        origin.routes["/alpine.qcow2"] = lambda handler: (release.wait(WAIT),
+                                                          serve(qcow2_bytes)(handler))
+        image_id = post_to(server, origin.url("/alpine.qcow2", "localhost"))
+        status, body = disk_of(server, image_id)
+        assert (status, json.loads(body)) == (409, {"message": "Image not downloaded yet"})
+        release.set()
+        image = finished(server, image_id)
+        assert (image["download"]["error"], image["sha256"]) == (
+            None, hashlib.sha256(qcow2_bytes).hexdigest())
+        assert disk_of(server, image_id) == (200, qcow2_bytes)
+        assert server.flask("job", "list") == ""
+
+
+def test_an_import_whose_worker_is_killed_is_taken_over_and_finishes(tmp_path, qcow2_bytes):
+    """kill -9 of the (one) worker in the middle of the transfer: gunicorn starts another,
+    which removes what the dead one left staged as it starts, takes the job over once the
+    dead one's lease has lapsed, and runs the import again from the start."""
+    started = threading.Event()
+    # One worker of one job thread: nothing but the takeover can run the import again.
+    env = {"DOWNLOAD_ALLOW_HOSTS": "localhost", "WEB_CONCURRENCY": "1", "JOB_THREADS": "1",
+           "JOB_LEASE": "2", "JOB_POLL_INTERVAL": "1"}
+    with origin_server() as origin, server_with_account(tmp_path / "live", "alice",
+                                                        env) as server:
+        origin.routes["/alpine.qcow2"] = slow_first(origin, qcow2_bytes, started)
+        image_id = post_to(server, origin.url("/alpine.qcow2", "localhost"))
+        assert started.wait(WAIT)
+        staging = server.instance / "images" / ".incoming"
+        [worker] = server.worker_pids()
+        assert [name for name in os.listdir(staging) if name.startswith(f"{worker}-")]
+        os.kill(worker, signal.SIGKILL)
+        image = finished(server, image_id)
+        assert (image["download"]["error"], image["sha256"]) == (
+            None, hashlib.sha256(qcow2_bytes).hexdigest())
+        assert disk_of(server, image_id) == (200, qcow2_bytes)
+        assert files_under(staging) == []
+        assert server.flask("job", "list") == ""
+    assert origin.hits("/alpine.qcow2") == 2
+    assert "the claim of" in server.log_text() and "taking it over" in server.log_text()

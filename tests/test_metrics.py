@@ -33,6 +33,7 @@ import queries
 from errors import ApiError, ValidationError
 from models import db
 from qcow2 import ImageRefused, inspect_qcow2
+from quotas import QuotaExceeded
 from refusals import refusal_rule
 from storage import StorageUnavailable
 from uploads import cut_off, too_large
@@ -147,6 +148,10 @@ def raised_while_handling(refusal):
     (OSError(errno.ENOSPC, "No space left on device"), "disk_full"),
     (StorageUnavailable("s3 down", reason="the bucket does not answer"), "store_unavailable"),
     (ApiError(409, "Conflict"), "status_409"),
+    (QuotaExceeded("Quota exceeded: user alice may keep 1000 bytes; …", "user alice", "bytes"),
+     "quota_bytes"),
+    (QuotaExceeded("Quota exceeded: namespace team@alice may keep 1 image; 1 in use",
+                   "namespace team@alice", "images"), "quota_images"),
     (RuntimeError("a bug"), "error"),
 ])
 def test_an_upload_error_names_its_rule(error, rule):

@@ -167,7 +167,7 @@ def test_a_quota_passed_by_the_end_refuses_the_image_and_ends_the_upload(
         "message": "Quota exceeded: user alice may keep 0 images; 0 in use"})
     assert head(client, alice, path).status_code == 404
     assert Image.select().count() == 0 and uploads_folder(app) == []
-    assert grown(before, scrape(client))[uploads("quota")] == 1
+    assert grown(before, scrape(client))[uploads("quota_images")] == 1
 
 
 # --- metrics and the audit log -----------------------------------------------------------

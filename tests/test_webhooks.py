@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from conftest import free_port, needs_postgres, server_with_account, start_server, stop_server
+from test_metrics import grown, scrape
 
 import jobs
 from models import Job, WebhookDelivery
@@ -201,6 +202,23 @@ def test_after_the_last_try_the_delivery_job_is_kept_as_failed(
     (line,) = runner.invoke(args=["job", "list"]).output.splitlines()
     assert line.split("\t")[1:4] == ["webhook", "failed", "3"]
     assert line.endswith(f"webhook {webhook_id}: HTTP 500")
+
+
+def test_each_try_is_counted_in_metrics_as_delivered_failed_or_given_up(
+        make_app, client, alice, upload, hook, receiver):
+    """Three tries at most: one receiver takes the event at its second try, the other
+    never (its last failed try is the one given up)."""
+    make_app(WEBHOOK_BACKOFF=(0.0, 0.0))
+    flaky, down = receiver(statuses=(500,)), receiver(statuses=(500,) * 10)
+    hook("team@alice", flaky.url)
+    hook("team@alice", down.url)
+    before = scrape(client)
+    upload(alice, name="alpine", namespace="team")
+    assert jobs.run_due_jobs() == 5
+    tries = {key[1]: value for key, value in grown(before, scrape(client)).items()
+             if key[0] == "imagestore_webhook_deliveries_total"}
+    assert tries == {(("outcome", "delivered"),): 1, (("outcome", "failed"),): 3,
+                     (("outcome", "gave_up"),): 1}
 
 
 def test_a_hanging_receiver_costs_a_timeout_and_frees_the_thread(

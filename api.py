@@ -8,7 +8,6 @@ from functools import partial
 from flask import (
     Blueprint,
     Response,
-    after_this_request,
     current_app,
     g,
     jsonify,
@@ -18,7 +17,6 @@ from flask import (
 from peewee import PeeweeException
 
 import access
-import audit
 import image_changes
 import image_stats
 import imports
@@ -32,9 +30,9 @@ from downloads import DISK_TYPES, JSON, file_response, negotiate
 from errors import ApiError, ValidationError, disk_full, not_found
 from links import link_matches, parse_expires_in, qemu_fields, read_link, sign_link
 from models import db
+from outcomes import audited, refused, uploaded
 from qcow2 import HEADER_READ_SIZE, ImageRefused, check_header_start, inspect_qcow2
 from quotas import check_quota_early
-from refusals import refusal_rule
 from representations import image_json, images_json, last_modified, rfc3339
 from uploads import (
     body_stream,
@@ -71,11 +69,6 @@ def count_request(response):
         metrics.count_request(rule and rule.rule, request.method, response.status_code,
                               time.perf_counter() - started)
     return response
-
-
-def audited(action, status, image=None, **fields):
-    """One audit line for this request: its user, token and address, and what they did."""
-    audit.record(action, status=status, image=image, **who(), **fields)
 
 
 @bp.get("/metrics")
@@ -162,25 +155,10 @@ def counted_upload(view):
             return view(*args, **kwargs)
         except Exception as error:
             if request.mimetype != "application/json":
-                after_this_request(partial(_refused, refusal_rule(error)))
+                refused(error, request.args.get("name"), request.args.get("namespace"))
             raise
 
     return wrapped
-
-
-def _refused(rule, response):
-    """Count and audit a refused upload, once its answer is made."""
-    metrics.count_upload(rule)
-    audited("refuse", response.status_code, rule=rule,
-            name=request.args.get("name", "")[:100] or None,
-            namespace=request.args.get("namespace", "")[:100] or None)
-    return response
-
-
-def uploaded(image):
-    """Count and audit a stored upload."""
-    metrics.count_upload("stored")
-    audited("upload", 201, image)
 
 
 @bp.post("/images")

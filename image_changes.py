@@ -73,7 +73,8 @@ def create_image(plan, storage, staged, size, sha256, info, base_url=None, put=N
     (store_file).
 
     put(staged) stores the file instead of storage.put (a finished tus upload stores its
-    own); record(image), if given, runs in the row's transaction (it marks the upload done).
+    own); record(image), if given, runs in the row's transaction, before its quotas are
+    checked (it marks the upload done, so that the upload and its image do not both count).
     """
     columns = {"size": size, "virtual_size": info.virtual_size, "sha256": sha256}
     image = store_file(storage, staged,
@@ -104,19 +105,22 @@ def store_file(storage, staged, record, put=None):
 
 def record_image(plan, columns, then=None, base_url=None):
     """Write the planned image's row with columns (and a missing namespace of the user's
-    own) in one transaction, then(image) and its `created` event inside it too; a name
-    taken meanwhile is the 400."""
+    own) in one transaction, then(image), the quotas' check (403) and its `created` event
+    inside it too; a name taken meanwhile is the 400."""
     try:
         with write_transaction():
             namespace = plan.namespace
             if plan.ref and namespace is None:
                 namespace = ensure_namespace(plan.owner, plan.ref.segments)
-            # In this transaction, so that two racing uploads cannot both pass a quota.
-            check_quota_at_record(plan.owner, namespace, columns.get("size"))
             image = Image.create(author=plan.author, user=plan.owner, namespace=namespace,
                                  name=plan.name, **columns)
             if then is not None:
                 then(image)
+            # In this transaction, so that two racing uploads cannot both pass a quota; after
+            # then(), which may end what counted as pending (a tus upload marked done), and
+            # with the new row left out, so that the image counts once, by its size.
+            check_quota_at_record(plan.owner, namespace, columns.get("size"),
+                                  except_image=image.id)
             if columns.get("storage_key") is not None:  # an import counts once it has its file
                 image_stats.change(1, columns["size"])
             _emit("created", image, base_url)

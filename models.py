@@ -176,6 +176,11 @@ class Upload(BaseModel):
     image = ForeignKeyField(Image, null=True, on_delete="SET NULL")  # once done
     created_at = DateTimeField(default=utcnow)
     expires_at = DateTimeField(index=True)
+    # Whose quota it counts against until it ends (quotas.pending_usage): the image's owner,
+    # and the root of the namespace it goes to (None outside namespaces, or for a root that
+    # did not exist yet when the upload was made).
+    owner = ForeignKeyField(User, backref="owned_uploads", on_delete="CASCADE")
+    root = ForeignKeyField(Namespace, null=True, on_delete="SET NULL")
 
 
 

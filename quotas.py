@@ -5,7 +5,9 @@ An upload is checked against its owner's quota and, in a namespace, its root's (
 (check_quota_early), and again in the transaction that writes the image's row
 (check_quota_at_record), with the quotas' rows locked, so that of two racing uploads that
 together pass a quota one is refused. A user's quota counts every image the user owns
-(user_id), in namespaces or not; a namespace's counts every image of its root's tree.
+(user_id), in namespaces or not; a namespace's counts every image of its root's tree; both
+count what is on its way in (pending_usage): imports, and tus uploads from their creation,
+whose row is written under the same locks (tusuploads.create_upload).
 """
 
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from peewee import SQL, fn
 
 from errors import ApiError
-from models import Image, Namespace, Quota, User, locking
+from models import Image, Namespace, Quota, Upload, User, locking, utcnow
 from namespaces import find_namespace
 
 
@@ -61,16 +63,27 @@ def stored_usage(quota, except_image=None):
     return Usage(int(total), count)
 
 
+def _uploads_of(quota):
+    """A query of the tus uploads on their way in under quota: neither done nor expired."""
+    if quota.user_id is not None:
+        where = Upload.owner == quota.user_id
+    else:
+        where = Upload.root == quota.namespace_id
+    return Upload.select().where(where, Upload.offset < Upload.length,
+                                 Upload.expires_at > utcnow())
+
+
 def pending_usage(quota, except_image=None):
     """What is on its way in under quota, and reserved for it: imports not finished (rows
     whose size is still NULL) count as images, with no bytes until their file is recorded,
-    when the record-time check counts them.
-
-    MERGE (tus): add the unfinished uploads of the owner or tree, each as one image with
-    its declared Upload-Length in bytes.
+    when the record-time check counts them; tus uploads neither done nor expired count as
+    one image each, with the bytes of their Upload-Length (done, the image counts instead).
     """
     count = _images_of(quota, except_image).where(Image.size.is_null()).count()
-    return Usage(0, count)
+    length, uploads = (_uploads_of(quota)
+                       .select(fn.COALESCE(fn.SUM(Upload.length), 0), fn.COUNT(SQL("*")))
+                       .scalar(as_tuple=True))
+    return Usage(int(length), count + uploads)
 
 
 def usage(quota, except_image=None):
@@ -118,15 +131,18 @@ def exceeded(quota, unit, limit, used, length=None):
     return QuotaExceeded(message, label, unit)
 
 
-def plan_root_id(plan):
-    """The id of the root namespace that plan's upload goes under, or None (outside
-    namespaces, or under a root that the upload itself will create)."""
+def plan_namespace(plan):
+    """A namespace of the tree that plan's upload goes under (its own, or the root it will
+    be made under), or None: outside namespaces, or under a root the upload will create."""
     if plan.ref is None:
         return None
-    if plan.namespace is not None:
-        return plan.namespace.root_id
-    root = find_namespace(plan.owner, plan.ref.segments[0])
-    return root.id if root is not None else None
+    return plan.namespace or find_namespace(plan.owner, plan.ref.segments[0])
+
+
+def plan_root_id(plan):
+    """The id of the root namespace that plan's upload goes under, or None (as above)."""
+    namespace = plan_namespace(plan)
+    return namespace.root_id if namespace is not None else None
 
 
 def check_quota_early(plan, length):
@@ -143,8 +159,9 @@ def check_quota_at_record(owner, namespace, size, except_image=None):
 
     Locked, the count cannot change under it before the commit: another upload's check
     waits for this transaction (SELECT … FOR UPDATE on PostgreSQL; SQLite's write
-    transaction holds the database). except_image is the id of an image row being given
-    its file (an import), already counted as pending.
+    transaction holds the database). except_image is the id of an image row that is
+    counted by size instead: one being given its file (an import), already counted as
+    pending, or the new row itself (image_changes.record_image).
     """
     root_id = namespace.root_id if namespace is not None else None
     check_quotas(list(locking(quotas_of(owner.id, root_id))), size, except_image)

@@ -9,6 +9,7 @@ from the service (a full disk, a store that is down, an error).
 
 from werkzeug.exceptions import HTTPException
 
+from digests import MISMATCH
 from errors import ApiError, ValidationError, disk_full
 from image_changes import NAME_TAKEN
 from qcow2 import ImageRefused
@@ -56,4 +57,6 @@ def _field_rule(error):
     field, [message] = next(iter(error.fields.items()))
     if field == "name" and message == NAME_TAKEN:
         return "name_taken"
+    if field == "file" and message.startswith(MISMATCH):
+        return "sha256_mismatch"
     return RULE_OF_FIELD.get(field, field)

@@ -10,6 +10,7 @@ import tusuploads
 from auth import require_scope
 from diskspace import check_room_for_upload
 from errors import ApiError
+from outcomes import refused, uploaded
 from tusuploads import CHECKSUMS, EXTENSIONS, TUS_VERSION, Body, Limits
 from uploads import body_stream, check_upload_headers, close_connection_on_error, watch_body
 from urls import base_url
@@ -64,7 +65,19 @@ def describe():
 @bp.post("/uploads", provide_automatic_options=False)
 @require_scope("image:write")
 def create_upload():
-    """Start an upload: its length, name, namespace (and sha256) checked now."""
+    """Start an upload: its length, name, namespace, quotas (and sha256) checked now; a
+    refusal is counted and audited as that of a POST /images."""
+    try:
+        upload = _create_upload()
+    except Exception as error:
+        refused(error, *_named(request.headers.get("Upload-Metadata")))
+        raise
+    return empty(201, {"Location": f"{base_url()}/uploads/{upload.id}", "Upload-Offset": "0",
+                       "Upload-Expires": http_date(upload.expires_at)})
+
+
+def _create_upload():
+    """The upload of this POST /uploads, made once its headers passed every check."""
     config = current_app.config
     close_connection_on_error()
     if request.content_length or "chunked" in request.headers.get("Transfer-Encoding", ""):
@@ -73,9 +86,16 @@ def create_upload():
     length = tusuploads.parse_length(request.headers.get("Upload-Length"), config["MAX_IMAGE_SIZE"])
     check_room_for_upload(storage(), config["MIN_FREE_SPACE"], length)
     metadata = tusuploads.parse_metadata(request.headers.get("Upload-Metadata"))
-    upload = tusuploads.create_upload(g.user, length, metadata, storage(), limits())
-    return empty(201, {"Location": f"{base_url()}/uploads/{upload.id}", "Upload-Offset": "0",
-                       "Upload-Expires": http_date(upload.expires_at)})
+    return tusuploads.create_upload(g.user, length, metadata, storage(), limits())
+
+
+def _named(text):
+    """The name and namespace in an Upload-Metadata header, as far as it can be read."""
+    try:
+        metadata = tusuploads.parse_metadata(text)
+    except ApiError:
+        return None, None
+    return metadata.get("name"), metadata.get("namespace")
 
 
 @bp.route("/uploads/<upload_id>", methods=["HEAD"])
@@ -96,7 +116,8 @@ def upload_status(upload_id):
 @bp.route("/uploads/<upload_id>", methods=["PATCH"])
 @require_scope("image:write")
 def receive_piece(upload_id):
-    """Take the piece at Upload-Offset; the last one makes the image."""
+    """Take the piece at Upload-Offset; the last one makes the image. The upload is counted
+    and audited when it ends: stored, or refused (the piece's file or quota)."""
     config = current_app.config
     close_connection_on_error()  # the rest of a refused piece is never read
     check_upload_headers(request, config["MAX_IMAGE_SIZE"])
@@ -105,10 +126,18 @@ def receive_piece(upload_id):
     offset = tusuploads.parse_count(request.headers.get("Upload-Offset"), "Upload-Offset")
     checksum = tusuploads.parse_checksum(request.headers.get("Upload-Checksum"))
     check_room_for_upload(storage(), config["MIN_FREE_SPACE"], request.content_length)
+    upload = tusuploads.find_upload(g.user, upload_id)
     with watch_body(request, config["BODY_READ_TIMEOUT"]) as watch:
         stream, length = body_stream(request)
-        progress = tusuploads.receive_piece(g.user, upload_id, offset, checksum,
-                                            Body(stream, length, watch), storage(), limits())
+        try:
+            progress = tusuploads.receive_piece(g.user, upload, offset, checksum,
+                                                Body(stream, length, watch), storage(),
+                                                limits(), base_url())
+        except tusuploads.ENDS_UPLOAD as error:  # the upload refused: counted once, here
+            refused(error, upload.name, upload.namespace)
+            raise
+    if progress.stored:
+        uploaded(progress.image, 204)
     headers = {"Upload-Offset": str(progress.upload.offset),
                "Upload-Expires": http_date(progress.upload.expires_at)}
     if progress.image is not None:

@@ -24,8 +24,9 @@ from datetime import timedelta
 from digests import MISMATCH, parse_sha256_hex
 from errors import ApiError, ValidationError, not_found
 from image_changes import create_image, plan_upload
-from models import Image, Upload, unsynced_write, utcnow
+from models import Image, Upload, unsynced_write, utcnow, write_transaction
 from qcow2 import HEADER_READ_SIZE, ImageRefused, check_header_start, inspect_qcow2
+from quotas import QuotaExceeded, check_quota_at_record, check_quota_early, plan_namespace
 from resumablehash import AVAILABLE, ResumableSha256, file_sha256
 from storage import StorageUnavailable, UploadGone
 from uploadlocks import UploadBusy, forget_lock, upload_lock
@@ -60,10 +61,22 @@ class Body:
 
 @dataclass(frozen=True)
 class Progress:
-    """Where an upload stands after a request: its row, and its image once done."""
+    """Where an upload stands after a request: its row, and its image once done (stored:
+    by this very request)."""
 
     upload: Upload
     image: Image | None = None
+    stored: bool = False
+
+
+class UploadLost(ApiError):
+    """The 410 of an upload whose bytes the store lost; the upload is removed with them."""
+
+
+# What a piece's request can raise after which its upload is gone, removed by the code that
+# raised it: the file refused (its header, or at the end a rule, the sha256, the name), a
+# quota passed at the end, the bytes lost. Any other error leaves the upload as it was.
+ENDS_UPLOAD = (ValidationError, QuotaExceeded, UploadLost)
 
 
 # ------------------------------------------------------------------ headers
@@ -136,26 +149,16 @@ def parse_checksum(text):
 # ------------------------------------------------------------------ creation
 
 
-def check_upload_quota(plan, length):
-    """Where issue 15's quota check hooks in: a tus upload that would pass a quota is
-    refused here, at its creation, with the length it announced (and again when its image
-    is recorded, as for every upload). There are no quotas yet."""
-
-
 def create_upload(user, length, metadata, storage, limits):
-    """Check a new upload as POST /images checks one before its body; make its row and
-    its place in the store."""
+    """Check a new upload as POST /images checks one before its body, its quotas included;
+    make its row and its place in the store."""
     namespace = metadata.get("namespace") or None
     plan = plan_upload(user, metadata.get("name"), namespace)
     sha256 = parse_sha256_hex(metadata["sha256"]) if "sha256" in metadata else None
     if length == 0:  # complete at once, and never a QCOW2 image: refused as an empty body is
         _refuse_empty(limits)
-    check_upload_quota(plan, length)
-    upload = Upload.create(
-        id=secrets.token_hex(16), user=user, name=plan.name, namespace=namespace,
-        length=length, metadata=json.dumps(metadata), sha256=sha256,
-        hash_state=ResumableSha256().state().hex() if AVAILABLE else None,
-        expires_at=utcnow() + timedelta(seconds=limits.expiry))
+    check_quota_early(plan, length)  # before the write lock
+    upload = _reserve(plan, namespace, length, metadata, sha256, limits)
     try:
         state = storage.begin_upload(upload.id, length)
     except BaseException:
@@ -164,6 +167,21 @@ def create_upload(user, length, metadata, storage, limits):
     upload.state = json.dumps(state)
     Upload.update(state=upload.state).where(Upload.id == upload.id).execute()
     return upload
+
+
+def _reserve(plan, namespace, length, metadata, sha256, limits):
+    """The upload's row, written in the transaction that checks its quotas with its length,
+    their rows locked: of two uploads made at once that together pass a quota, one is
+    refused. From then on it counts against them until it ends (quotas.pending_usage)."""
+    tree = plan_namespace(plan)
+    with write_transaction():
+        check_quota_at_record(plan.owner, tree, length)
+        return Upload.create(
+            id=secrets.token_hex(16), user=plan.author, owner=plan.owner,
+            root=tree.root_id if tree is not None else None, name=plan.name,
+            namespace=namespace, length=length, metadata=json.dumps(metadata), sha256=sha256,
+            hash_state=ResumableSha256().state().hex() if AVAILABLE else None,
+            expires_at=utcnow() + timedelta(seconds=limits.expiry))
 
 
 def _refuse_empty(limits):
@@ -219,17 +237,19 @@ def sweep_expired(storage):
 # ------------------------------------------------------------------ pieces
 
 
-def receive_piece(user, upload_id, offset, checksum, body, storage, limits):
-    """PATCH /uploads/:id: receive the piece at offset (409 if the upload is elsewhere or
-    another request writes it), keep it, and finish the upload when it is the last."""
-    find_upload(user, upload_id)  # 404 and 410 before any lock
+def receive_piece(user, found, offset, checksum, body, storage, limits, base_url=None):
+    """PATCH /uploads/:id of the upload found (by find_upload: 404 and 410 before any lock):
+    receive the piece at offset (409 if the upload is elsewhere or another request writes
+    it), keep it, and finish the upload when it is the last (base_url: that of the image's
+    `url` in its `created` webhook event). ENDS_UPLOAD: the errors that end the upload."""
+    upload_id = found.id
     try:
         with upload_lock(upload_id):
             upload = find_upload(user, upload_id)  # as it is now that nobody else writes
             _check_piece(upload, offset, body.length)
             if upload.offset == upload.length:  # done: a lost answer asked for again
                 return Progress(upload, upload.image)
-            return _write_piece(user, upload, checksum, body, storage, limits)
+            return _write_piece(user, upload, checksum, body, storage, limits, base_url)
     except UploadBusy:
         raise ApiError(409, "Conflict: another request is sending a piece of this upload; "
                             "HEAD it for its offset and go on from there") from None
@@ -238,7 +258,7 @@ def receive_piece(user, upload_id, offset, checksum, body, storage, limits):
         lost = Upload.get_or_none(Upload.id == upload_id)
         if lost is not None:
             discard(lost, storage)
-        raise ApiError(410, "Gone: the upload's bytes were lost; start a new one") from None
+        raise UploadLost(410, "Gone: the upload's bytes were lost; start a new one") from None
 
 
 def _check_piece(upload, offset, length):
@@ -256,7 +276,7 @@ def past_length(upload):
                          " bytes remain")
 
 
-def _write_piece(user, upload, checksum, body, storage, limits):
+def _write_piece(user, upload, checksum, body, storage, limits, base_url):
     """Receive a piece into the store, check its Upload-Checksum (460: not kept), record
     it; the last one finishes the upload."""
     digests = PieceDigests(upload, checksum)
@@ -266,8 +286,8 @@ def _write_piece(user, upload, checksum, body, storage, limits):
         complete = upload.offset + size == upload.length
         state = piece.keep(size, complete)
     if complete:
-        image = _finish(user, upload, state, digests, storage, limits)
-        return Progress(Upload.get_by_id(upload.id), image)
+        image = _finish(user, upload, state, digests, storage, limits, base_url)
+        return Progress(Upload.get_by_id(upload.id), image, stored=True)
     return Progress(_advance(upload, size, state, digests, storage))
 
 
@@ -325,8 +345,9 @@ def _advance(upload, size, state, digests, storage):
 # ------------------------------------------------------------------ the end
 
 
-def _finish(user, upload, state, digests, storage, limits):
-    """Check and store the whole file as POST /images does; a refusal ends the upload."""
+def _finish(user, upload, state, digests, storage, limits, base_url):
+    """Check and store the whole file as POST /images does (its quotas too, now with the
+    upload counted by its image alone); a refusal ends the upload."""
     try:
         with storage.complete_upload(upload.id, state) as finished:
             sha256 = digests.hexdigest() or file_sha256(finished.path)
@@ -336,12 +357,12 @@ def _finish(user, upload, state, digests, storage, limits):
             info = inspect_qcow2(finished.path, limits.max_virtual_size, limits.qemu_img_slots)
             plan = plan_upload(user, upload.name, upload.namespace)
             return create_image(plan, storage, finished, upload.length, sha256, info,
-                                put=lambda staged: staged.store(),
+                                base_url=base_url, put=lambda staged: staged.store(),
                                 record=lambda image: _mark_done(upload, image))
     except ImageRefused as refusal:
         discard(upload, storage)
         raise ValidationError("file", str(refusal)) from None
-    except ValidationError:
+    except (ValidationError, QuotaExceeded):  # it could only be refused again
         discard(upload, storage)
         raise
 

@@ -457,6 +457,7 @@ def _upgrade_postgres(columns):
     migrate(*[migrator.add_column(table, name, Image._meta.fields[name])
               for name in IMPORT_COLUMNS if name not in columns],
             *[migrator.drop_not_null(table, name) for name in FILE_COLUMNS if not columns[name]])
+    Image._schema.create_indexes(safe=True)  # those of this version, as the SQLite path makes
 
 
 def _upgrade_sqlite():

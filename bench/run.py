@@ -50,6 +50,7 @@ from harness import (  # noqa: E402 - found through the line above
     start_server,
     stop_process,
 )
+from resumablehash import file_sha256 as sha256_file  # noqa: E402 - the project's
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -208,14 +209,6 @@ def make_qcow2(path, size):
                    check=True)
     raw.unlink()
     return path
-
-
-def sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MiB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def warm_page_cache(work, size):

@@ -51,7 +51,7 @@ def public_image(image_id):
     """The image if anyone may read it without a token (its namespace's root is public),
     else the same 404 as for a missing id."""
     image = find_image(image_id)
-    if image is None or image.namespace_id is None or image.namespace.root.visibility != "public":
+    if image is None or not may_see(None, image):
         raise not_found()
     return image
 

@@ -121,7 +121,7 @@ def list_images():
     search = queries.check_search(request.args.get("search"))
     rows, has_next = access.list_page(g.user, search, page, request.args.get("name"),
                                       request.args.get("namespace"))
-    return page_answer(rows, base_url() + "/images", page, has_next)
+    return page_answer(rows, "/images", page, has_next)
 
 
 @bp.get("/n/<username>/<path:path>/-/images")
@@ -132,13 +132,15 @@ def list_namespace_images(username, path):
     page = queries.parse_page(request.args.get("page"))
     search = queries.check_search(request.args.get("search"))
     rows, has_next = access.namespace_page(g.user, username, path, search, page)
-    return page_answer(rows, f"{base_url()}/n/{username}/{path}/-/images", page, has_next)
+    return page_answer(rows, f"/n/{username}/{path}/-/images", page, has_next)
 
 
-def page_answer(rows, url, page, has_next):
-    """A list page's answer: its image objects, and the Link header of its neighbours."""
-    response = jsonify(images_json(rows, base_url()))
-    link = link_header(url, request.args.items(multi=True), page, has_next)
+def page_answer(rows, path, page, has_next):
+    """A list page's answer: its image objects, and the Link header of its neighbours
+    (path: the list's own, under the base URL)."""
+    base = base_url()
+    response = jsonify(images_json(rows, base))
+    link = link_header(base + path, request.args.items(multi=True), page, has_next)
     if link:
         response.headers["Link"] = link
     return response

@@ -41,6 +41,13 @@ def _compiled(build, database_kind, shape):
     return query, sql, tuple(params), datetimes
 
 
+@functools.lru_cache(maxsize=64)
+def _model_columns(build, database_kind, shape):
+    """(model, field name) of each column of build(*shape), which selects whole models."""
+    query = _compiled(build, database_kind, shape)[0]
+    return tuple((column.model, column.name) for column in query._returning)
+
+
 def _execute(build, shape, values):
     """The compiled query and the cursor of a run with values bound to its slots."""
     query, sql, params, datetimes = _compiled(build, type(db.obj), tuple(shape))
@@ -48,12 +55,21 @@ def _execute(build, shape, values):
     return query, db.execute_sql(sql, bound), datetimes
 
 
-def rows(build, values, shape=()):
-    """The rows of build(*shape) as lists of plain values, without model objects; datetime
-    columns read as their fields read them (SQLite keeps them as text)."""
+def rows(build, values, shape=(), stored_datetimes=False):
+    """The rows of build(*shape) as sequences of plain values, without model objects;
+    datetime columns read as their fields read them (SQLite keeps them as text), or, with
+    stored_datetimes, as the database hands them, for a reader that takes both
+    (representations.rfc3339): parsing them was a tenth of a list page's CPU."""
     _, cursor, datetimes = _execute(build, shape, values)
+    if stored_datetimes or not datetimes:
+        return cursor.fetchall()
+    return _read_datetimes(cursor.fetchall(), datetimes)
+
+
+def _read_datetimes(found, datetimes):
+    """found's rows as lists, their datetime columns read by their fields."""
     result = []
-    for row in cursor.fetchall():
+    for row in found:
         row_values = list(row)
         for i, read in datetimes:
             row_values[i] = read(row_values[i])
@@ -62,6 +78,31 @@ def rows(build, values, shape=()):
 
 
 def models(build, values, shape=()):
-    """The model objects of build(*shape), joined ones included, as peewee makes them."""
-    query, cursor, _ = _execute(build, shape, values)
-    return list(query._get_cursor_wrapper(cursor))
+    """The model objects of build(*shape), which selects whole models: one of its first
+    model a row, each joined model set on the foreign key that refers to it.
+
+    Made here from the plain rows: peewee's own reader sets itself up again at every run,
+    which took more of the token check's time than the query (docs/benchmarks.md).
+    """
+    query, cursor, datetimes = _execute(build, shape, values)
+    columns = _model_columns(build, type(db.obj), tuple(shape))
+    found = []
+    for row in _read_datetimes(cursor.fetchall(), datetimes):
+        fields = {}
+        for (model, name), value in zip(columns, row, strict=True):
+            fields.setdefault(model, {})[name] = value
+        objects = {model: _loaded(model, data) for model, data in fields.items()}
+        first = objects[query.model]
+        for foreign_key, model in query.model._meta.refs.items():
+            if model in objects:
+                setattr(first, foreign_key.name, objects[model])
+        first._dirty.clear()
+        found.append(first)
+    return found
+
+
+def _loaded(model, data):
+    """A model object of a row's values, as peewee makes one (nothing marked changed)."""
+    instance = model(__no_default__=True, **data)
+    instance._dirty.clear()
+    return instance

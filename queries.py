@@ -158,7 +158,8 @@ def _page(own, namespace_ids, values, search, name, page):
         values.update((f"ns{k}", ns_id) for k, ns_id in enumerate(namespace_ids))
     terms = None if namespace_ids is None else len(namespace_ids)
     # Compiled once per shape: peewee's compiling of this query was half the page's CPU.
-    rows = compiled.rows(_page_query, values, (own, terms, bool(search), name is not None))
+    rows = compiled.rows(_page_query, values, (own, terms, bool(search), name is not None),
+                         stored_datetimes=True)
     return rows[:PAGE_SIZE], len(rows) > PAGE_SIZE
 
 

@@ -5,7 +5,7 @@ page reads straight from its query and a single image takes from its model objec
 (image_row): one way to build it, whichever way it was read.
 """
 
-from datetime import UTC
+from datetime import UTC, datetime
 
 # The values an image object is made of, in the order of a row: the image's own columns
 # (its import's last: all None for an uploaded image), then "relation.column" of its
@@ -28,7 +28,13 @@ DRIVER = "qemu"
 
 
 def rfc3339(moment):
-    """2006-01-02T15:04:05Z."""
+    """2006-01-02T15:04:05Z, of a datetime or of SQLite's text of one."""
+    if isinstance(moment, str):
+        # What SQLite holds for the database's naive UTC whole seconds, rearranged rather
+        # than parsed and formatted again (the list page reads it so: compiled.rows).
+        if len(moment) == 19 and moment[10] == " " and moment[0] != "0":
+            return f"{moment[:10]}T{moment[11:]}Z"
+        moment = datetime.fromisoformat(moment)
     # isoformat takes a third of strftime's time (a list page formats some 40 times) and
     # writes the same for what the database holds: naive UTC, whole seconds, 4-digit years.
     if moment.microsecond or moment.tzinfo is not None or moment.year < 1000:

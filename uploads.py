@@ -15,6 +15,7 @@ from gunicorn.http.errors import ChunkMissingTerminator, NoMoreData, ParseExcept
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 import metrics
+from directio import DirectWrites, aligned_buffer
 from errors import DISK_FULL, ApiError, ValidationError
 from socketbody import socket_body
 
@@ -153,7 +154,7 @@ def buffer_ring(count, size):
     mmap, a munmap and zeroed pages every time; docs/benchmarks.md)."""
     ring = queue.SimpleQueue()
     for _ in range(count):
-        ring.put(bytearray(size))
+        ring.put(aligned_buffer(size))  # page-aligned, for direct I/O (directio.py)
     return ring
 
 
@@ -229,6 +230,7 @@ def receive_body(stream, out, max_size, expected_length=None, watch=None, check_
     reader = BodyReader(stream, max_size, watch)
     size = written_back = 0
     origin = out.tell()
+    direct = DirectWrites(out)
     try:
         while True:
             buffer = take_buffer(ring)
@@ -242,7 +244,7 @@ def receive_body(stream, out, max_size, expected_length=None, watch=None, check_
             if size > max_size:
                 raise too_large(max_size)
             digest.update(buffer, length)
-            write_or_507(out, view[:length])
+            write_or_507(out, view[:length], direct)
             if size - written_back >= WRITEBACK_STEP:
                 # At the file's own offsets: a tus piece is written after the ones before.
                 start_writeback(out.fileno(), origin + written_back, size - written_back)
@@ -255,6 +257,7 @@ def receive_body(stream, out, max_size, expected_length=None, watch=None, check_
         error.received = size
         raise
     finally:
+        direct.close()
         sha256 = digest.finish()  # also on errors: no thread is left behind
     if watch and watch.expired:
         raise too_slow(watch, size)
@@ -336,10 +339,13 @@ def broken_framing(error):
     return ApiError(400, f"Malformed chunked transfer encoding in the body: {what}")
 
 
-def write_or_507(out, chunk):
-    """Write to the store's disk; a full disk is the server's 507, not a crash."""
+def write_or_507(out, chunk, direct=None):
+    """Write to the store's disk, the whole blocks by direct I/O if direct (a DirectWrites)
+    is on; a full disk is the server's 507, not a crash."""
     view = memoryview(chunk)  # slices of a view copy nothing
     try:
+        if direct is not None:
+            view = direct.write_blocks(view)
         while view:  # an unbuffered write may take only part of the chunk
             view = view[out.write(view):]
     except OSError as error:

@@ -249,3 +249,13 @@ def test_single_image_is_byte_for_byte_the_json_of_model_objects(app, client, bo
 ])
 def test_rfc3339_writes_what_strftime_wrote(moment):
     assert rfc3339(moment) == rfc3339_before(moment)
+
+
+@pytest.mark.parametrize("moment", [
+    datetime(2024, 1, 2, 3, 4, 5), datetime(2024, 1, 2, 3, 4, 5, 1), datetime(9999, 12, 31),
+    datetime(999, 1, 1, 1, 1, 1), datetime(2024, 6, 1, 12, tzinfo=UTC),
+])
+def test_rfc3339_of_sqlite_text_is_that_of_the_datetime(moment):
+    """The list page formats SQLite's text of a time without parsing it (compiled.rows with
+    stored_datetimes): the same answer as from the datetime."""
+    assert rfc3339(str(moment)) == rfc3339_before(moment)

@@ -228,9 +228,8 @@ def receive_body(stream, out, max_size, expected_length=None, watch=None, check_
     ring = buffer_ring(RING_BUFFERS, CHUNK_SIZE)
     digest = HashOnTheSide(ring, hasher)
     reader = BodyReader(stream, max_size, watch)
-    size = written_back = 0
-    origin = out.tell()
-    direct = DirectWrites(out)
+    size = 0
+    body_file = BodyFile(out)
     try:
         while True:
             buffer = take_buffer(ring)
@@ -244,11 +243,7 @@ def receive_body(stream, out, max_size, expected_length=None, watch=None, check_
             if size > max_size:
                 raise too_large(max_size)
             digest.update(buffer, length)
-            write_or_507(out, view[:length], direct)
-            if size - written_back >= WRITEBACK_STEP:
-                # At the file's own offsets: a tus piece is written after the ones before.
-                start_writeback(out.fileno(), origin + written_back, size - written_back)
-                written_back = size
+            body_file.write(view[:length])
             if watch:
                 watch.progress()
             if length < len(view):  # the body ended
@@ -257,13 +252,36 @@ def receive_body(stream, out, max_size, expected_length=None, watch=None, check_
         error.received = size
         raise
     finally:
-        direct.close()
+        body_file.close()
         sha256 = digest.finish()  # also on errors: no thread is left behind
     if watch and watch.expired:
         raise too_slow(watch, size)
     if expected_length is not None and size != expected_length:
         raise cut_off(size)
     return size, sha256
+
+
+class BodyFile:
+    """The file a body goes into: its whole buffers written with direct I/O where it can be
+    (directio.py), the rest through the page cache with the kernel's writeback started every
+    WRITEBACK_STEP bytes."""
+
+    def __init__(self, out):
+        self._out, self._direct = out, DirectWrites(out)
+        self._origin, self._written, self._written_back = out.tell(), 0, 0
+
+    def write(self, view):
+        write_or_507(self._out, view, self._direct)
+        self._written += len(view)
+        if self._written - self._written_back >= WRITEBACK_STEP:
+            # At the file's own offsets: a tus piece is written after the ones before.
+            start_writeback(self._out.fileno(), self._origin + self._written_back,
+                            self._written - self._written_back)
+            self._written_back = self._written
+
+    def close(self):
+        """Direct I/O off again, for the fsync and whoever writes next."""
+        self._direct.close()
 
 
 class BodyReader:

@@ -744,18 +744,9 @@ def seed_images(start, stop, users, namespaces, base_time):
             Image.insert_many(rows[batch:batch + 1000]).execute()
 
 
-def drop_connections(database):
-    """Close this thread's connection and every pooled one, so that the next is opened anew."""
-    if not database.is_closed():
-        database.close()  # with a pool this hands the connection back to it ...
-    close_all = getattr(database, "close_all", None)
-    if close_all:
-        close_all()  # ... and this closes every connection the pool holds
-
-
 def count_statements(app, token, path):
     """SQL statements one request runs, counted by SQLite's own trace hook on a new connection."""
-    from models import db
+    from models import db, release_connections
 
     database = db.obj
     statements = []
@@ -767,13 +758,13 @@ def count_statements(app, token, path):
 
     client = app.test_client()
     headers = {"Authorization": f"Bearer {token}"}
-    drop_connections(database)
+    release_connections()
     database._add_conn_hooks = hooked
     try:
         response = client.get(path, headers=headers)
     finally:
         database._add_conn_hooks = original
-        drop_connections(database)  # the traced connection must not go back into the pool
+        release_connections()  # the traced connection must not go back into the pool
     if response.status_code != 200 or len(response.json) != 25:
         raise RuntimeError(f"list page: {response.status_code} {str(response.json)[:200]}")
     queries = [s for s in statements if not s.lstrip().upper().startswith("PRAGMA")]

@@ -69,13 +69,35 @@ class Person:
     def text(self):
         return self.find("body").text
 
-    def wait_for(self, condition, what):
+    def wait_for(self, condition, what, while_loading=False):
+        """Wait until condition() holds. A page that is being replaced while the condition
+        reads it (the old body gone stale between finding it and reading its text) counts
+        as not there yet: the next look reads the new page. while_loading: any error of
+        the driver counts so (chromium's, about nodes of a document being left, too)."""
+        from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
         from selenium.webdriver.support.ui import WebDriverWait
-        return WebDriverWait(self.driver, WAIT).until(lambda d: condition(), what)
+        ignored = WebDriverException if while_loading else StaleElementReferenceException
+        wait = WebDriverWait(self.driver, WAIT, ignored_exceptions=(ignored,))
+        return wait.until(lambda d: condition(), what)
+
+    def follow(self, css):
+        """Click what css finds, a link or a form's button, and wait until the page it
+        leads to has loaded: chromium's driver (156) may return from the click before the
+        navigation that the click started, and the old page would be read instead."""
+        old = self.find("html").id
+        self.find(css).click()
+        self.wait_for(lambda: self.find("html").id != old and self.loaded(),
+                      f"the page that {css} opens", while_loading=True)
+
+    def loaded(self):
+        """Whether the page now shown has loaded."""
+        return self.driver.execute_script("return document.readyState") == "complete"
 
     def wait_for_path(self, pattern):
+        """Wait until the page at a path matching pattern is shown and loaded."""
         import re
-        self.wait_for(lambda: re.fullmatch(pattern, self.path()), f"a page at {pattern}")
+        self.wait_for(lambda: re.fullmatch(pattern, self.path()) and self.loaded(),
+                      f"a page at {pattern}", while_loading=True)
 
     def path(self):
         return self.driver.current_url.removeprefix(self.server.url)
@@ -83,11 +105,12 @@ class Person:
     def sign_in(self, token=None):
         self.go("/ui/sign-in")
         self.find("#token").send_keys(token or self.server.token_text)
-        self.find("form.stacked button[type=submit]").click()
+        self.follow("form.stacked button[type=submit]")
         self.wait_for(lambda: "Signed in as" in self.text(), "the signed-in page")
 
-    def upload(self, path, name, namespace="", script=None):
-        """Fill in the upload form and send it (after running script in the page)."""
+    def upload(self, path, name, namespace="", script=None, new_page=False):
+        """Fill in the upload form and send it (after running script in the page);
+        new_page: the form is sent without script, and its answer is a new page."""
         self.go("/ui/upload")
         self.find("#name").send_keys(name)
         if namespace:
@@ -96,7 +119,10 @@ class Person:
         self.record_progress()
         if script:
             self.driver.execute_script(script)
-        self.find("#upload-button").click()
+        if new_page:
+            self.follow("#upload-button")
+        else:
+            self.find("#upload-button").click()
 
     def record_progress(self):
         """Keep every value the progress bar shows, and the way the upload went, in
@@ -170,13 +196,13 @@ def test_a_person_signs_in_by_pasting_a_token_and_signs_out(person):
     person.go("/")
     assert person.path() == "/ui/"
     assert person.find("h1").text == "Public images"
-    person.find("header a[href='/ui/sign-in']").click()
+    person.follow("header a[href='/ui/sign-in']")
     person.find("#token").send_keys(person.server.token_text)
-    person.find("form.stacked button[type=submit]").click()
+    person.follow("form.stacked button[type=submit]")
     assert "Signed in as alice" in person.find("header").text
     assert person.find("h1").text == "Your images"
     assert person.session_cookie()["httpOnly"] and person.session_cookie()["sameSite"] == "Strict"
-    person.find("header form button").click()
+    person.follow("header form button")
     assert "Signed out." in person.text() and "Sign in" in person.find("header").text
     person.go("/ui/upload")
     assert person.path().startswith("/ui/sign-in")
@@ -185,7 +211,7 @@ def test_a_person_signs_in_by_pasting_a_token_and_signs_out(person):
 def test_a_wrong_token_is_refused(person):
     person.go("/ui/sign-in")
     person.find("#token").send_keys("ims_not-a-token")
-    person.find("form.stacked button[type=submit]").click()
+    person.follow("form.stacked button[type=submit]")
     assert person.find("#token-error").text == "That token is not valid."
     assert person.find("#token").get_attribute("aria-invalid") == "true"
 
@@ -212,7 +238,7 @@ def test_an_uploaded_qcow2_shows_its_progress_and_is_listed(person, image_file):
     value, maximum = json.loads(person.recorded("progress"))[-1]
     assert value == maximum >= image_file.stat().st_size  # the form's body, or the file (tus)
     assert person.recorded("via") == ("tus" if tus_served(person.server) else "xhr")
-    person.find("header a[href='/ui/']").click()
+    person.follow("header a[href='/ui/']")
     row = person.row_of("alpine-progress")
     assert row["Namespace"] == "team@alice" and row["Virtual size"] == "64.0 MiB"
     assert row["sha256"] == hashlib.sha256(image_file.read_bytes()).hexdigest()[:12]
@@ -241,10 +267,11 @@ def test_the_upload_form_works_without_javascript(live, image_file, tmp_path):
         person.go("/ui/upload")
         person.find("#name").send_keys("plain-form")
         person.find("#file").send_keys(str(image_file))
-        person.find("#upload-button").click()
+        person.follow("#upload-button")
         assert "Stored plain-form." in person.text()
         assert not person.find("button[data-copy='line-pull']").is_displayed()
-        person.upload(sample_images.with_backing(tmp_path, "/etc/passwd"), "plain-hostile")
+        person.upload(sample_images.with_backing(tmp_path, "/etc/passwd"), "plain-hostile",
+                      new_page=True)
         assert "has a backing file" in person.find("#file-error").text
         assert "The image was not stored" in person.find("main .flash.error").text
     finally:
@@ -348,7 +375,7 @@ def test_a_link_copied_from_the_page_opens_in_qemu_img_over_http(person, image_f
     person.sign_in()
     person.go(f"/ui/images/{image['id']}")
     person.find("#expires_in option[value='86400']").click()
-    person.find("form[action$='/links'] button").click()
+    person.follow("form[action$='/links'] button")
     assert "A link that works until" in person.find("#new-link").text
     button = person.find("button[data-copy='link-qemu-img']")
     button.click()
@@ -378,10 +405,10 @@ def test_deleting_asks_first_then_the_image_is_gone(person, image_file):
     image = api_upload(person.server, image_file, "alpine-delete")
     person.sign_in()
     person.go(f"/ui/images/{image['id']}")
-    person.find("a.button.danger").click()
+    person.follow("a.button.danger")
     assert person.find("h1").text == "Delete alpine-delete?"
     assert api_status(person.server, image["id"]) == 200
-    person.find("main form button.danger").click()
+    person.follow("main form button.danger")
     assert "Deleted alpine-delete." in person.text() and person.path() == "/ui/"
     assert person.row_of("alpine-delete") is None
     assert api_status(person.server, image["id"]) == 404
@@ -395,7 +422,7 @@ def test_a_form_sent_without_its_csrf_token_is_refused(person, image_file):
     person.go(f"/ui/images/{image['id']}/delete")
     person.driver.execute_script(
         "document.querySelector('main form input[name=csrf_token]').remove()")
-    person.find("main form button.danger").click()
+    person.follow("main form button.danger")
     assert person.find("h1").text.startswith("400: This form has expired")
     # The same POST sent by another program with the person's cookie, and no token.
     cookie = person.session_cookie()
@@ -419,7 +446,7 @@ def test_public_images_are_browsable_without_signing_in(person, image_file):
     person.go("/")
     assert person.row_of("alpine-public")["Namespace"] == "pub@alice"
     assert person.row_of("alpine-private") is None
-    person.find(f"table.images a[href='/ui/images/{shown['id']}']").click()
+    person.follow(f"table.images a[href='/ui/images/{shown['id']}']")
     assert person.find("h1").text == "alpine-public"
     assert "Authorization" not in person.find("#line-curl").text
     person.go(f"/ui/images/{hidden['id']}")

@@ -17,6 +17,7 @@ Why this is written here and not left to Werkzeug's Response.make_conditional:
 """
 
 import re
+import socket
 
 from werkzeug.datastructures import MIMEAccept
 from werkzeug.http import http_date, parse_accept_header, parse_date, parse_etags
@@ -34,6 +35,8 @@ _SINGLE_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
 _MAX_DIGITS = 18
 # Where sendfile cannot be used, Python reads in pieces this big (8 KiB costs 5x the CPU).
 READ_SIZE = 1 << 20
+# Linux's TCP_CORK (None elsewhere): see FileSpan.
+TCP_CORK = getattr(socket, "TCP_CORK", None)
 
 
 def negotiate(accept_header):
@@ -164,27 +167,58 @@ class FileSpan:
     fileno() and the file's position are what gunicorn's sendfile path uses (with
     Content-Length as the count); read() bounds every other path (gunicorn serving
     TLS itself, or another WSGI server), which would otherwise read on to EOF.
+
+    sock, the client's socket where the server gives it (gunicorn.socket), is corked
+    from the server's first use of the span until close: the head and the file then
+    leave in full segments, as nginx's `tcp_nopush` sends them, and a download from the
+    page cache went from 0.76 to about 1.0 of nginx's rate (docs/downloads.md).
     """
 
-    def __init__(self, file, start, end):
+    def __init__(self, file, start, end, sock=None):
         file.seek(start)
         self.file = file
         self.left = end - start
+        self.sock = sock
+        self.corked = False
 
     def fileno(self):
         """The real descriptor, so that the server can sendfile from it."""
+        self._cork()
         return self.file.fileno()
+
+    def _cork(self):
+        """Cork the client's socket once, before the server writes the answer."""
+        if self.sock is not None and not self.corked:
+            self.corked = set_cork(self.sock, True)
 
     def read(self, size=-1):
         """Up to size bytes, never past the span's end."""
+        self._cork()
         size = self.left if size < 0 else min(size, self.left)
         data = self.file.read(size)
         self.left -= len(data)
         return data
 
     def close(self):
-        """Close the file; the server calls this when the answer ends, cut off or not."""
-        self.file.close()
+        """Close the file and uncork the socket, which sends what the cork held; the
+        server calls this when the answer ends, cut off or not."""
+        try:
+            self.file.close()
+        finally:
+            if self.corked:
+                self.corked = not set_cork(self.sock, False)
+
+
+def set_cork(sock, on):
+    """Set or clear TCP_CORK on sock; whether that was done (not on a Unix socket, a
+    closed one, or off Linux). Uncorking sends the partial segment the cork held."""
+    if TCP_CORK is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_CORK, int(on))
+    except OSError:
+        return False
+    return True
 
 
 def _span(environ, opener, start, end):
@@ -193,4 +227,5 @@ def _span(environ, opener, start, end):
         file = opener()
     except FileNotFoundError:
         raise not_found() from None  # deleted between the lookup and now
-    return wrap_file(environ, FileSpan(file, start, end), buffer_size=READ_SIZE)
+    span = FileSpan(file, start, end, environ.get("gunicorn.socket"))
+    return wrap_file(environ, span, buffer_size=READ_SIZE)

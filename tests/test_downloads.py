@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import socket
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from werkzeug.http import http_date
 
-from downloads import DISK_TYPES, JSON, negotiate
+from downloads import DISK_TYPES, JSON, FileSpan, negotiate
 from models import Image
 
 DISK = "application/x-qemu-disk"
@@ -340,3 +341,54 @@ def test_download_of_a_file_gone_from_the_store_is_not_found(app, fetch, image):
         response, _ = fetch(accept=accept)
         assert response.status_code == 404
         assert response.json == {"message": "Not Found"}
+
+
+# --- the socket corked while a file goes out ---------------------------------------------------
+
+@pytest.fixture
+def served_socket():
+    """The server's end of a real TCP connection on loopback, as gunicorn hands it over."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname())
+        served, _ = listener.accept()
+    with peer, served:
+        yield served
+
+
+def corked(sock):
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 1
+
+
+def test_a_download_corks_the_clients_socket_until_its_answer_ends(client, alice, image,
+                                                                  served_socket, qcow2_bytes):
+    """The head and the file leave in full segments (nginx's tcp_nopush), and the end of the
+    answer uncorks: a socket left corked would hold a kept-alive client's next answer."""
+    with client.open(f"/images/{image['id']}", headers={**alice.headers, "Accept": DISK},
+                     environ_overrides={"gunicorn.socket": served_socket},
+                     buffered=False) as response:
+        first = next(response.response)
+        assert corked(served_socket)
+        assert first + b"".join(response.response) == qcow2_bytes
+    assert not corked(served_socket)
+
+
+def test_a_span_uncorks_when_the_server_closes_it_early(tmp_path, served_socket):
+    """A download cut off after its first use (sendfile's fileno) still uncorks."""
+    path = tmp_path / "file"
+    path.write_bytes(b"x" * 100)
+    span = FileSpan(path.open("rb"), 10, 20, served_socket)
+    assert span.fileno() > 0 and corked(served_socket)
+    span.close()
+    assert not corked(served_socket) and span.file.closed
+
+
+def test_a_span_on_a_unix_socket_or_none_sends_as_before(tmp_path):
+    """Behind a proxy on a Unix socket there is no TCP to cork; nothing fails."""
+    path = tmp_path / "file"
+    path.write_bytes(b"0123456789")
+    left, right = socket.socketpair()
+    with left, right:
+        for sock in (left, None):
+            span = FileSpan(path.open("rb"), 2, 6, sock)
+            assert span.read() == b"2345" and not span.corked
+            span.close()

@@ -20,6 +20,7 @@ and are skipped (said so) without it.
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import http.client
 import json
@@ -1235,9 +1236,18 @@ def cut_upload(service, path, token, data, chunked):
     else:
         head, body = head + f"Content-Length: {len(data)}\r\n\r\n", b""
     with socket.create_connection(("127.0.0.1", service.port), timeout=60) as sock:
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # an early answer
+        # An early answer (a quota's 403) closes the connection while half is still on its
+        # way: past the 64 KiB that gunicorn drains the server resets it, and the send, or
+        # the shutdown of a socket the reset has closed (ENOTCONN), fails. The answer came
+        # before the reset and is still read below.
+        try:
             sock.sendall(head.encode() + body + half)
             sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except OSError as error:
+            if error.errno != errno.ENOTCONN:
+                raise
         response = http.client.HTTPResponse(sock)
         response.begin()
         return Answer(response.status, dict(response.getheaders()), response.read())

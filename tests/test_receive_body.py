@@ -122,6 +122,29 @@ def test_a_buffer_is_filled_again_only_after_it_was_hashed(tmp_path, monkeypatch
     assert len(body.buffers) == 2
 
 
+def test_a_failed_write_is_raised_and_stops_the_reading(tmp_path, small_steps, monkeypatch):
+    """A full disk at the third buffer is the 507: the body read no further than that
+    buffer, nothing written after it, and no thread left."""
+    write, calls = uploads.write_or_507, []
+
+    def full_disk(out, chunk, direct=None):
+        calls.append(len(chunk))
+        if len(calls) == 3:
+            raise ApiError(507, "Insufficient Storage")
+        write(out, chunk, direct)
+
+    monkeypatch.setattr(uploads, "write_or_507", full_disk)
+    body = IntoBody(os.urandom(40 * CHUNK))
+    path = tmp_path / "staged"
+    with open(path, "xb", buffering=0) as out, pytest.raises(ApiError) as error:
+        uploads.receive_body(body, out, max_size=len(body.data))
+    assert error.value.status == 507
+    assert len(calls) == 3
+    assert path.read_bytes() == body.data[:2 * CHUNK]
+    assert body.position == 3 * CHUNK
+    assert hash_threads() == []
+
+
 @pytest.mark.parametrize("length, status", [(1_500_000, 201), (1_500_001, 413)])
 def test_the_limit_is_the_largest_body_taken(tmp_path, small_steps, length, status):
     """A body of unknown length (chunked) of exactly the limit is taken; one byte more is

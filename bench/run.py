@@ -524,7 +524,8 @@ def bench_transfers(cfg, work, clients):
 REFUSAL_SECONDS_PER_GIB = 120  # a guard against a hang only: even a busy machine reads faster
 # The page cache warmed before every hostile body, large or small: the most the goal lets
 # the server take. Warming for the body's own size put the kernel's freeing of 4 GiB of
-# cache into the large body's time (docs/benchmarks.md, "Early refusal").
+# cache into the large body's time (docs/benchmarks.md, "The early
+# refusal's time…").
 REFUSAL_WARM = 64 * MiB
 
 

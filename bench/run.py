@@ -443,26 +443,31 @@ def minor_faults(pids):
 @contextlib.contextmanager
 def cores_apart(pids):
     """The server's processes (every thread) on the first core and this script, so the curl
-    it starts, on the second, then as they were. A download over loopback runs at 1.1 GiB/s
-    with curl on the server's core and 1.6-2.0 with it on the other (docs/benchmarks.md,
-    "Downloads: where the scheduler puts curl"): left to the scheduler, that coin decided
-    the ratio. On one core there is nothing to place."""
-    usable = sorted(os.sched_getaffinity(0))
+    it starts, on the second, then back on all of them. A download over loopback ran at
+    0.9-1.2 GiB/s with curl on the server's core and 1.2-2.0 with it on the other
+    (docs/benchmarks.md, "Downloads: where the scheduler puts curl"): left to the
+    scheduler, that coin decided the ratio. On one core there is nothing to place."""
+    usable = set(os.sched_getaffinity(0))
     if len(usable) < 2:
         yield
         return
-    tasks = [int(tid) for pid in pids for tid in os.listdir(f"/proc/{pid}/task")]
-    before = {tid: os.sched_getaffinity(tid) for tid in tasks}
+    server_core, client_core = sorted(usable)[:2]
     try:
-        for tid in tasks:
-            os.sched_setaffinity(tid, {usable[0]})
-        os.sched_setaffinity(0, {usable[1]})
+        _set_affinity(pids, {server_core})
+        os.sched_setaffinity(0, {client_core})
         yield
     finally:
-        os.sched_setaffinity(0, set(usable))
-        for tid, cpus in before.items():
-            with contextlib.suppress(ProcessLookupError):  # a thread that has ended
-                os.sched_setaffinity(tid, cpus)
+        os.sched_setaffinity(0, usable)
+        # Threads the server started meanwhile (gunicorn's pool grows) inherited the core.
+        _set_affinity(pids, usable)
+
+
+def _set_affinity(pids, cpus):
+    """Every thread of these processes on cpus (a thread that has just ended is skipped)."""
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(int(tid), cpus)
 
 
 def timed(client, action, args, results, way, watch_memory, apart=False):

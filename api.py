@@ -224,8 +224,11 @@ def import_image():
 
 # curl -d @file sends this type, and strips every CR and LF byte from the file first.
 FORM_TYPE = "application/x-www-form-urlencoded"
-FORM_HINT = (f" (the body came as {FORM_TYPE}, as curl's -d sends a file after removing "
-             "its CR and LF bytes: send the file with `curl --data-binary @file` or `-T file`)")
+# curl --data-binary @file sends the same type with the file unchanged, so the hint says
+# "if": a refused file sent that way is refused for what it is.
+FORM_HINT = (f" (the body came as {FORM_TYPE}: if it was sent with `curl -d @file`, which "
+             "removes the file's CR and LF bytes first, send it with "
+             "`curl --data-binary @file` or `-T file`)")
 
 
 def refusal_message(refusal):

@@ -404,6 +404,8 @@ def test_a_file_mangled_by_curl_d_is_refused_with_how_to_send_it(
     assert response.status_code == 400
     (message,) = response.json["file"]
     assert "curl --data-binary @file" in message and "-T file" in message
+    # --data-binary sends the same type, unchanged: the hint cannot say which was used.
+    assert "if it was sent with `curl -d @file`" in message
     assert store_files() == []
     other = client.post("/images?name=raw", headers=alice.headers, data=body,
                         content_type="application/octet-stream")

@@ -30,7 +30,7 @@ from downloads import DISK_TYPES, JSON, file_response, negotiate
 from errors import ApiError, ValidationError, disk_full, not_found
 from links import link_matches, parse_expires_in, qemu_fields, read_link, sign_link
 from models import db
-from outcomes import audited, refused, uploaded
+from outcomes import audited, refused, refused_import, uploaded
 from qcow2 import HEADER_READ_SIZE, ImageRefused, check_header_start, inspect_qcow2
 from quotas import check_quota_early
 from representations import image_json, images_json, last_modified, rfc3339
@@ -149,7 +149,7 @@ def page_answer(rows, path, page, has_next):
 def counted_upload(view):
     """Count and audit how an upload that is not stored ends: the rule that refused it,
     and the status it is answered with. A JSON body is an import from a URL, which its own
-    code counts."""
+    code counts and audits (import_image)."""
 
     @functools.wraps(view)
     def wrapped(*args, **kwargs):
@@ -217,7 +217,11 @@ def import_image():
     raw, stream = b"", request.stream
     while len(raw) <= imports.MAX_BODY and (piece := stream.read(imports.MAX_BODY + 1 - len(raw))):
         raw += piece
-    image = imports.start_import(g.user, raw, current_app.config, base_url(), who())
+    try:
+        image = imports.start_import(g.user, raw, current_app.config, base_url(), who())
+    except Exception as error:
+        refused_import(error, *imports.requested_fields(raw))
+        raise
     body = image_json(image, base_url())
     return jsonify(body), 201, {"Location": body["url"]}
 

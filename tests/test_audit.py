@@ -148,6 +148,37 @@ def test_one_line_for_each_action_with_who_what_and_the_answer(make_app, make_ac
         assert secret not in text
 
 
+def test_an_import_refused_at_its_post_has_its_line_with_the_url_asked_for(
+        make_app, make_account, tmp_path):
+    """A download_url the address guard refuses (here the cloud metadata address) is what
+    an operator wants to see; its password is never written, even where the URL is cut."""
+    path = tmp_path / "audit.log"
+    app = make_app(AUDIT_LOG=str(path))
+    client = app.test_client()
+    with app.app_context():
+        alice = make_account("alice")
+        alice_id = token_id(alice)
+    long_secret = "hunter2" * 40
+    asked = [{"name": "probe", "namespace": "ops",
+              "download_url": "http://u:hunter2@169.254.169.254/latest/meta-data"},
+             {"name": "probe2", "download_url": f"http://u:{long_secret}@169.254.169.254/"},
+             ["not", "an", "object"]]
+    for body in asked:
+        assert client.post("/images", json=body, headers=alice.headers).status_code == 400
+    by_alice = {"user": "alice", "token_id": alice_id, "client": "127.0.0.1"}
+    no_image = dict.fromkeys(("image_id", "name", "namespace", "sha256", "bytes"))
+    assert without_time(lines_of(path)) == [
+        {"action": "refuse", **by_alice, **no_image, "name": "probe", "namespace": "ops",
+         "status": 400, "rule": "download_url",
+         "source": "http://169.254.169.254/latest/meta-data"},
+        {"action": "refuse", **by_alice, **no_image, "name": "probe2", "status": 400,
+         "rule": "download_url", "source": "http://169.254.169.254/"},
+        {"action": "refuse", **by_alice, **no_image, "status": 400, "rule": "broken_body",
+         "source": None},
+    ]
+    assert "hunter2" not in path.read_text()
+
+
 def test_the_client_address_is_the_proxys_client_when_proxy_headers_are_trusted(
         make_app, make_account, tmp_path):
     path = tmp_path / "audit.log"

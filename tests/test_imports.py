@@ -204,6 +204,9 @@ def test_a_private_address_is_accepted_when_the_operator_allows_it(app, post_imp
     (b"{", 400, "Body is not valid JSON: Expecting property name enclosed in double quotes: "
                 "line 1 column 2 (char 1)"),
     (b'["alpine"]', 400, 'JSON body must be an object: {"name", "namespace", "download_url"}'),
+    # Deeper than Python's JSON parser goes: its RecursionError was a 500.
+    (b"[" * 30000 + b"]" * 30000, 400,
+     "Body is not valid JSON: arrays or objects nested too deeply"),
     (b'{"name": "' + b"a" * imports.MAX_BODY + b'"}', 413,
      'JSON body larger than 65536 bytes: send {"name", "namespace", "download_url"}'),
 ])

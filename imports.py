@@ -111,15 +111,29 @@ def requested_fields(raw):
     if not isinstance(body, dict):
         return None, None, None
     values = (body.get("name"), body.get("namespace"), body.get("download_url"))
-    return tuple(value if isinstance(value, str) else None for value in values)
+    return tuple(value if isinstance(value, str) and _is_text(value) else None
+                 for value in values)
 
 
 def _text_field(body, field, label):
-    """body[field] as a string, None when absent or null; any other type is the 400."""
+    """body[field] as a string, None when absent or null; any other type is the 400, and
+    so is a string with a lone surrogate (JSON's "\\ud800"), which is no text: UTF-8, the
+    database and the logs cannot hold it."""
     value = body.get(field)
     if value is not None and not isinstance(value, str):
         raise ValidationError(field, f"{label} must be a string")
+    if value is not None and not _is_text(value):
+        raise ValidationError(field, f"{label} must not hold a lone surrogate (\\ud800-\\udfff)")
     return value
+
+
+def _is_text(value):
+    """Whether value can be written as UTF-8."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_download_url(url, address_guard):

@@ -13,7 +13,8 @@ reference take turns (A B, then B A, ...), and a ratio is given per pair of runs
 to each other, as median [min-max], so that one noisy run can neither make nor break it.
 Before each timed transfer the dirty pages are synced and a file of the same size is written
 and deleted, so that every server writes into warm page cache (docs/platform.md, "Measuring
-on these VMs").
+on these VMs"). Downloads from the page cache run with the server and curl on cores of their
+own, three turns of each server a repetition (download_turns).
 """
 
 import argparse

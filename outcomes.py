@@ -1,8 +1,8 @@
 """How a request's upload ended, for the operator: counted in /metrics (uploads by outcome)
 and written to the audit log (`upload`, `refuse`), the same for every way an image comes in:
 POST /images and the web UI's form (api.py), tus (tus.py); an import refused at its POST
-is audited alone. docs/observability.md says what
-a line holds and which rule names there are."""
+is audited alone. docs/observability.md says what a line holds and which rule names there
+are."""
 
 from functools import partial
 

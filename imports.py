@@ -83,36 +83,33 @@ def read_body(raw):
     if len(raw) > MAX_BODY:
         raise ApiError(413, f"JSON body larger than {MAX_BODY} bytes: send {BODY_FIELDS}")
     try:
-        body = _json_value(raw)
-    except ValueError as error:
+        body = json.loads(raw)
+    except ValueError as error:  # also bytes that are not UTF-8
         raise ApiError(400, f"Body is not valid JSON: {error}") from None
+    except RecursionError:  # 64 KiB of "[" is a hostile body, not a server error
+        raise ApiError(400, "Body is not valid JSON: arrays or objects nested too deeply"
+                       ) from None
     if not isinstance(body, dict):
         raise ApiError(400, f"JSON body must be an object: {BODY_FIELDS}")
     return body
-
-
-def _json_value(raw):
-    """raw parsed as JSON; ValueError for bytes that are not JSON (or not UTF-8), and for
-    arrays or objects nested deeper than the parser goes, which it meets with a
-    RecursionError: 64 KiB of "[" is a hostile body, not a server error."""
-    try:
-        return json.loads(raw)
-    except RecursionError:
-        raise ValueError("arrays or objects nested too deeply") from None
 
 
 def requested_fields(raw):
     """name, namespace and download_url of a POST /images body (raw bytes) as sent, each
     None where the body holds no such text: for the audit line of a refused import."""
     try:
-        body = _json_value(raw)
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
+        body = read_body(raw)
+    except ApiError:
         return None, None, None
-    values = (body.get("name"), body.get("namespace"), body.get("download_url"))
-    return tuple(value if isinstance(value, str) and _is_text(value) else None
-                 for value in values)
+    return tuple(_text_or_none(body, field) for field in ("name", "namespace", "download_url"))
+
+
+def _text_or_none(body, field):
+    """body[field] where _text_field takes it, else None."""
+    try:
+        return _text_field(body, field, field)
+    except ValidationError:
+        return None
 
 
 def _text_field(body, field, label):

@@ -401,8 +401,9 @@ def init_db():
 @click.option("--min-age", default=3600, show_default=True,
               help="only remove orphan files older than this many seconds")
 def sweep(min_age):
-    """Remove temporary files of dead workers, stored files that have no row, and
-    resumable uploads past their expiry (with their bytes)."""
+    """Remove temporary files of dead workers, stored files that have no row, resumable
+    uploads past their expiry (with their bytes), and failed jobs and webhook delivery
+    records older than JOB_HISTORY."""
     store = current_app.extensions["storage"]
     removed, settled = recover(store, has_image_with_key)
     orphans = orphan_keys(store, older_than=min_age, keys_with_rows=image_keys)
@@ -412,6 +413,11 @@ def sweep(min_age):
     expired = sweep_expired(store)
     if expired:  # a line of its own, only then: scripts read the line above as it was
         click.echo(f"removed {expired} expired uploads")
+    failed = jobs.prune_failed()
+    records = webhooks.prune_deliveries(current_app.config["JOB_HISTORY"])
+    if failed or records:
+        click.echo(f"removed {failed} failed jobs and {records} webhook delivery records "
+                   "older than JOB_HISTORY")
 
 
 def register_cli(app):

@@ -73,6 +73,14 @@ def _seconds(value, name):
     return number
 
 
+def _duration(value, name):
+    """parse_duration, its ValueError naming the setting."""
+    try:
+        return parse_duration(value)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
 def _schedule(value, name):
     """'30,120,300' as seconds (30.0, 120.0, 300.0): waits of 0 or more, at least one."""
     try:
@@ -221,6 +229,9 @@ def _job_settings(env):
         "JOB_POLL_INTERVAL": _seconds(env.get("JOB_POLL_INTERVAL", "5"), "JOB_POLL_INTERVAL"),
         # How long a claim holds without its heartbeat: a killed worker's job waits that long.
         "JOB_LEASE": _seconds(env.get("JOB_LEASE", "30"), "JOB_LEASE"),
+        # How long failed jobs and webhook delivery records are kept: older ones are removed
+        # as new ones are written, at each start and by `flask sweep`.
+        "JOB_HISTORY": _duration(env.get("JOB_HISTORY") or "30d", "JOB_HISTORY"),
         # Waits before the 2nd, 3rd, ... try of a webhook delivery (API.md: at least 5 tries
         # over at least 10 minutes, the 3rd within 3 minutes of the 1st).
         "WEBHOOK_BACKOFF": _schedule(env.get("WEBHOOK_BACKOFF", "30,120,300,600,1800"),

@@ -55,6 +55,7 @@ class Settings:
     poll_interval: float = 5.0
     lease: float = 30.0
     stop_timeout: float = 5.0
+    history: float = 30 * 86400.0  # seconds a failed job is kept
 
 
 class Interrupted(Exception):
@@ -87,10 +88,11 @@ def register(kind, handler, *, backoff=(10, 60, 300, 900), max_attempts=5, timeo
 
 
 def configure(config):
-    """Take JOB_THREADS, JOB_POLL_INTERVAL and JOB_LEASE from a config mapping."""
+    """Take JOB_THREADS, JOB_POLL_INTERVAL, JOB_LEASE and JOB_HISTORY from a config mapping."""
     settings.threads = config.get("JOB_THREADS", settings.threads)
     settings.poll_interval = config.get("JOB_POLL_INTERVAL", settings.poll_interval)
     settings.lease = config.get("JOB_LEASE", settings.lease)
+    settings.history = config.get("JOB_HISTORY", settings.history)
 
 
 def database_now():
@@ -253,10 +255,18 @@ def _fail(job, text, where=None):
                       payload=kept).where(where).execute():
         return job  # taken over meanwhile: the new holder settles it
     log.error("job %s (%s) failed after %s tries: %s", job.id, job.kind, job.attempts, text)
+    prune_failed()  # so that failed jobs are kept JOB_HISTORY long, not for ever
     on_failure = kind.on_failure
     if on_failure is not None:
         after_commit(lambda: _tell_failure(on_failure, job))
     return job
+
+
+def prune_failed():
+    """Remove the failed jobs whose last try is older than JOB_HISTORY; how many. The age
+    is by the database's clock, as run_at is."""
+    cutoff = database_now() - settings.history
+    return Job.delete().where((Job.state == FAILED) & (Job.run_at < cutoff)).execute()
 
 
 def _tell_failure(on_failure, job):

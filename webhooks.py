@@ -16,12 +16,13 @@ import logging
 import socket
 import threading
 import uuid
+from datetime import timedelta
 from functools import partial
 from urllib.parse import urlsplit
 
 import jobs
 import metrics
-from models import Namespace, Webhook, WebhookDelivery, write_transaction
+from models import Namespace, Webhook, WebhookDelivery, utcnow, write_transaction
 from representations import image_json
 
 KIND = "webhook"
@@ -31,6 +32,7 @@ MAX_URL_LENGTH = 2048
 # bounds the connect and each read, not a receiver that trickles its answer.
 TRY_TIMEOUTS = 3
 USER_AGENT = "imagestore-webhooks"
+EVENT_ID_HEADER = "X-Imagestore-Event-ID"  # not in Djinn's format, which has no event id
 log = logging.getLogger(__name__)
 
 
@@ -43,7 +45,8 @@ def register_job(config):
     try more than there are waits, WEBHOOK_TIMEOUT for each."""
     timeout = config["WEBHOOK_TIMEOUT"]
     backoff = config["WEBHOOK_BACKOFF"]
-    jobs.register(KIND, partial(deliver, timeout=timeout), backoff=backoff,
+    deliver_one = partial(deliver, timeout=timeout, keep=config["JOB_HISTORY"])
+    jobs.register(KIND, deliver_one, backoff=backoff,
                   max_attempts=len(backoff) + 1, timeout=TRY_TIMEOUTS * timeout + 30)
 
 
@@ -96,24 +99,30 @@ def emit(action, image, base_url):
     return len(hooks)
 
 
-def signed_headers(secret, body):
-    """The headers of a delivery: Djinn's event name and the HMAC-SHA256 of the body."""
-    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return {"Content-Type": "application/json", "X-Djinn-CI-Event": "images",
-            "X-Djinn-CI-Signature": f"sha256={digest}", "User-Agent": USER_AGENT}
+def signed_headers(hook, event, body):
+    """The headers of a delivery: Djinn's (the event's name, the webhook's id, the
+    HMAC-SHA256 of the body) and the event's id, the same in every try of it, by which a
+    receiver drops a repeat (delivery is at least once)."""
+    digest = hmac.new(hook.secret.encode(), body, hashlib.sha256).hexdigest()
+    return {"Content-Type": "application/json", "Accept": "*/*", "User-Agent": USER_AGENT,
+            "X-Djinn-CI-Event": "images", "X-Djinn-CI-Hook-ID": str(hook.id),
+            "X-Djinn-CI-Signature": f"sha256={digest}", EVENT_ID_HEADER: event}
 
 
-def deliver(payload, timeout):
-    """One try of a delivery job: POST the body, record the try, raise if it failed.
-    A webhook deleted since the event was queued gets nothing."""
+def deliver(payload, timeout, keep):
+    """One try of a delivery job: POST the body, record the try (keeping the webhook's
+    records of the last `keep` seconds), raise if it failed. A webhook deleted since the
+    event was queued gets nothing."""
     hook = Webhook.get_or_none(Webhook.id == payload["webhook"])
     if hook is None:
         log.info("webhook %s is gone; its %s event is dropped", payload["webhook"],
                  payload["action"])
         return
     body = payload["body"].encode()
-    status, error = post(hook.url, body, signed_headers(hook.secret, body), timeout)
+    headers = signed_headers(hook, payload["event"], body)
+    status, error = post(hook.url, body, headers, timeout)
     record_try(hook, payload, status, error)
+    prune_deliveries(keep, hook)
     delivered = error is None and 200 <= status < 300
     metrics.count_webhook_delivery(
         "delivered" if delivered else "gave_up" if jobs.last_try() else "failed")
@@ -129,6 +138,15 @@ def record_try(hook, payload, status, error):
         return WebhookDelivery.create(webhook=hook, event=payload["event"],
                                       action=payload["action"], try_number=tries.count() + 1,
                                       status=status, error=error)
+
+
+def prune_deliveries(keep, hook=None):
+    """Remove the delivery records older than keep seconds (of one webhook, or of all);
+    how many."""
+    old = WebhookDelivery.created_at < utcnow() - timedelta(seconds=keep)
+    if hook is not None:
+        old &= WebhookDelivery.webhook == hook
+    return WebhookDelivery.delete().where(old).execute()
 
 
 def post(url, body, headers, timeout):

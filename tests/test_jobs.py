@@ -123,6 +123,20 @@ def test_after_its_last_try_a_job_is_kept_as_failed(app, kinds):
     assert len(handler.payloads) == 3
 
 
+def test_a_failed_job_is_kept_for_job_history_then_removed(app, kinds):
+    jobs.register("note", Recorder(failures=10), backoff=(), max_attempts=1)
+    month = 31 * 86400  # past the default JOB_HISTORY of 30 days
+    old = Job.create(kind="note", payload="{}", state="failed", run_at=jobs.database_now() - month)
+    waiting = Job.create(kind="note", payload="{}", run_at=jobs.database_now() + month)
+    enqueue("note", {"fails": "now"})
+    assert jobs.run_due_jobs() == 1  # its failure for good removes what is past JOB_HISTORY
+    assert Job.get_or_none(Job.id == old.id) is None
+    assert sorted((j.state, j.payload) for j in Job.select()) == [
+        ("failed", '{"fails": "now"}'), ("pending", "{}")]
+    assert Job.get_by_id(waiting.id).state == "pending"
+    assert jobs.prune_failed() == 0
+
+
 def test_a_job_whose_last_try_never_finished_is_failed_not_run_again(app, kinds):
     """The worker running its last try died (its claim lapsed): what kills a worker every
     time it runs must not be run for ever."""
@@ -338,6 +352,7 @@ def test_stopping_lets_a_handler_hand_its_job_back(make_app, kinds, job_threads)
     ("JOB_POLL_INTERVAL", "soon", "JOB_POLL_INTERVAL must be a number of seconds above 0"),
     ("WEBHOOK_BACKOFF", "30,,60", "WEBHOOK_BACKOFF must be seconds separated by commas"),
     ("WEBHOOK_BACKOFF", "30,-1", "WEBHOOK_BACKOFF must be seconds separated by commas"),
+    ("JOB_HISTORY", "forever", "JOB_HISTORY: not a duration: 'forever'"),
 ])
 def test_a_bad_job_setting_is_refused_by_name(tmp_path, name, value, message):
     with pytest.raises(ValueError, match=message):
@@ -349,3 +364,6 @@ def test_job_settings_are_read_from_the_environment(tmp_path):
                                          "WEBHOOK_BACKOFF": "0.5, 2,10", "JOB_LEASE": "60"})
     assert (config["JOB_THREADS"], config["JOB_LEASE"]) == (0, 60.0)
     assert config["WEBHOOK_BACKOFF"] == (0.5, 2.0, 10.0)
+    assert config["JOB_HISTORY"] == 30 * 86400  # by default
+    assert load_config(str(tmp_path), {"SECRET_KEY": "k" * 40,
+                                       "JOB_HISTORY": "7d"})["JOB_HISTORY"] == 7 * 86400

@@ -10,9 +10,11 @@ import hmac
 import http.client
 import json
 import os
+import re
 import signal
 import threading
 import time
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -21,7 +23,7 @@ from conftest import free_port, needs_postgres, server_with_account, start_serve
 from test_metrics import grown, scrape
 
 import jobs
-from models import Job, WebhookDelivery
+from models import Job, WebhookDelivery, utcnow
 
 SECRET = "a-secret-of-the-receiver"
 DEADLINE = 60  # seconds: generous, for a busy machine
@@ -144,6 +146,8 @@ def test_an_upload_is_posted_signed_over_its_exact_body(alice, upload, hook, rec
     assert sent["path"] == "/hooks/images?team=1"
     assert sent["headers"]["Content-Type"] == "application/json"
     assert sent["headers"]["X-Djinn-CI-Event"] == "images"
+    assert sent["headers"]["X-Djinn-CI-Hook-ID"] == str(webhook_id)
+    assert re.fullmatch(r"[0-9a-f]{32}", sent["headers"]["X-Imagestore-Event-ID"])
     assert sent["signed"]
     assert json.loads(sent["body"]) == {"action": "created", "image": created.json}
     assert deliveries(runner, webhook_id) == [["created", "1", "200"]]
@@ -170,9 +174,11 @@ def test_a_deleted_event_shows_the_image_as_it_was(alice, client, upload, hook, 
     image = upload(alice, name="gone", namespace="team").json
     assert client.delete(f"/images/{image['id']}", headers=alice.headers).status_code == 204
     assert jobs.run_due_jobs() == 2
-    created, deleted = (json.loads(r["body"]) for r in team.wait_for(2))
+    sent = team.wait_for(2)
+    created, deleted = (json.loads(r["body"]) for r in sent)
     assert deleted == {"action": "deleted", "image": image}
     assert created["image"] == image
+    assert len({r["headers"]["X-Imagestore-Event-ID"] for r in sent}) == 2  # two events
 
 
 def test_a_receiver_that_fails_three_times_gets_the_event_at_the_fourth_try(
@@ -184,6 +190,8 @@ def test_a_receiver_that_fails_three_times_gets_the_event_at_the_fourth_try(
     assert jobs.run_due_jobs() == 4
     sent = flaky.wait_for(4)
     assert len({r["body"] for r in sent}) == 1 and all(r["signed"] for r in sent)
+    # one event: the receiver can tell the fourth try for a repeat of the first
+    assert len({r["headers"]["X-Imagestore-Event-ID"] for r in sent}) == 1
     assert deliveries(runner, webhook_id) == [
         ["created", "1", "500"], ["created", "2", "502"], ["created", "3", "503"],
         ["created", "4", "200"]]
@@ -267,6 +275,32 @@ def test_an_event_for_a_deleted_webhook_is_dropped(alice, upload, hook, receiver
     assert jobs.run_due_jobs() == 1
     assert team.requests == []
     assert Job.select().count() == 0 and WebhookDelivery.select().count() == 0
+
+
+def old_record(webhook_id, days):
+    """A delivery record of a try made days ago."""
+    return WebhookDelivery.create(webhook=webhook_id, event="e" * 32, action="created",
+                                  try_number=1, status=200,
+                                  created_at=utcnow() - timedelta(days=days))
+
+
+def test_delivery_records_are_kept_for_job_history(make_app, alice, upload, hook, receiver,
+                                                   runner):
+    """A try removes its webhook's records past JOB_HISTORY; `flask sweep` everyone's."""
+    app = make_app(JOB_HISTORY=7 * 86400.0)
+    team, other = receiver(), receiver()
+    team_id, other_id = hook("team@alice", team.url), hook("other@alice", other.url)
+    expired, recent = old_record(team_id, days=8), old_record(team_id, days=6)
+    untouched = old_record(other_id, days=8)
+    upload(alice, name="alpine", namespace="team")
+    assert jobs.run_due_jobs() == 1
+    kept = {d.id for d in WebhookDelivery.select()}
+    assert expired.id not in kept and {recent.id, untouched.id} <= kept and len(kept) == 3
+    result = app.test_cli_runner().invoke(args=["sweep"])
+    assert result.output.splitlines()[-1] == \
+        "removed 0 failed jobs and 1 webhook delivery records older than JOB_HISTORY"
+    assert WebhookDelivery.get_or_none(WebhookDelivery.id == untouched.id) is None
+    assert len(deliveries(runner, team_id)) == 2  # the recent one and the new try
 
 
 def test_webhook_commands(runner, hook):

@@ -30,10 +30,11 @@ from werkzeug.exceptions import HTTPException, NotFound
 import image_changes
 import queries
 from access import public_image, readable_image, writable_image
-from api import plan_body_upload, receive_image, uploaded
+from api import plan_body_upload, receive_image
 from auth import authenticate, parse_scopes
 from errors import DISK_FULL, ApiError, ValidationError, disk_full, storage_unavailable_message
 from links import parse_expires_in, qemu_fields, sign_link
+from outcomes import audited, refused, uploaded
 from representations import image_json, images_json, rfc3339
 from storage import StorageUnavailable
 from urls import base_url
@@ -121,8 +122,8 @@ def load_viewer():
         except ApiError:  # revoked since it was pasted
             session.pop("token")
             flash("Your token no longer works: sign in again.", "error")
-        else:
-            g.viewer, g.scopes = found.user, parse_scopes(found.scopes)
+        else:  # g.token: the audit log's user and token id, as for the API (auth.who)
+            g.viewer, g.scopes, g.token = found.user, parse_scopes(found.scopes), found
     if request.method == "POST":
         return guard_post()
     return None
@@ -325,6 +326,7 @@ def make_link(image_id):
         return render_image(image, status=400, link={"errors": error.fields["expires_in"]})
     token, expires_at = sign_link(current_app.config["SECRET_KEY"], image, expires_in)
     url = f"{base_url()}/links/{token}/{image.name}.qcow2"
+    audited("link.create", 200, image, expires_at=rfc3339(expires_at))  # never the URL
     return render_image(image, link=link_lines(url, image.name, expires_at))
 
 
@@ -350,6 +352,7 @@ def delete(image_id):
     need("image:delete")
     image = writable_image(g.viewer, image_id)
     image_changes.delete_image(image, current_app.extensions["storage"])
+    audited("delete", 303, image)
     flash(f"Deleted {image.name}.")
     return redirect(url_for("ui.index"), 303)
 
@@ -377,21 +380,26 @@ def upload():
                                token=session["token"]), 400
     page = url_for("ui.image_page", image_id=image.id)
     flash(f"Stored {image.name}.")
+    status = 201 if wants_json() else 303
+    uploaded(image, status)
     if wants_json():
-        return jsonify(location=page), 201, {"Location": page}
-    return redirect(page, 303)
+        return jsonify(location=page), status, {"Location": page}
+    return redirect(page, status)
 
 
 def store_upload(user, name, namespace):
     """The `file` field of this multipart request checked and stored exactly as POST /images
-    checks and stores a body (api.plan_body_upload, api.receive_image), counted and audited
-    as an upload."""
-    plan = plan_body_upload(user, name, namespace)
-    upload = request.files.get("file")
-    if upload is None or not upload.filename:
-        raise ValidationError("file", "Choose a QCOW2 image file to upload")
-    image = receive_image(plan)
-    uploaded(image)
+    checks and stores a body (api.plan_body_upload, api.receive_image); a refusal is
+    counted and audited as an upload's (the caller does it for a stored one)."""
+    try:
+        plan = plan_body_upload(user, name, namespace)
+        upload = request.files.get("file")
+        if upload is None or not upload.filename:
+            raise ValidationError("file", "Choose a QCOW2 image file to upload")
+        image = receive_image(plan)
+    except Exception as error:
+        refused(error, name, namespace)
+        raise
     return image
 
 

@@ -9,7 +9,9 @@ import threading
 from urllib.parse import urlsplit
 
 import pytest
+import sample_images
 from conftest import http_call, make_qcow2, server_with_account
+from test_ui import post_form_upload, sign_in
 
 import audit
 from auth import hash_token
@@ -177,6 +179,43 @@ def test_an_import_refused_at_its_post_has_its_line_with_the_url_asked_for(
          "source": None},
     ]
     assert "hunter2" not in path.read_text()
+
+
+def test_the_web_uis_uploads_links_and_deletes_have_their_lines(make_app, make_account,
+                                                              qcow2_bytes, tmp_path):
+    """The form's changes are written as the API's are, with the signed-in user and the
+    status the browser was answered with."""
+    path = tmp_path / "audit.log"
+    app = make_app(AUDIT_LOG=str(path))
+    client = app.test_client()
+    with app.app_context():
+        alice = make_account("alice")
+        alice_id = token_id(alice)
+    csrf = sign_in(client, alice)
+    stored = post_form_upload(client, csrf, qcow2_bytes, name="kept")
+    assert stored.status_code == 303
+    hostile = sample_images.with_backing(tmp_path, "/etc/passwd").read_bytes()
+    assert post_form_upload(client, csrf, hostile, name="sneaky",
+                            namespace="new").status_code == 400
+    page = stored.headers["Location"]
+    assert client.post(f"{page}/links", data={"csrf_token": csrf,
+                                              "expires_in": "3600"}).status_code == 200
+    assert client.post(f"{page}/delete", data={"csrf_token": csrf}).status_code == 303
+
+    image_id = int(page.rsplit("/", 1)[1])
+    the_image = {"image_id": image_id, "name": "kept", "namespace": None,
+                 "sha256": hashlib.sha256(qcow2_bytes).hexdigest(), "bytes": len(qcow2_bytes)}
+    by_alice = {"user": "alice", "token_id": alice_id, "client": "127.0.0.1"}
+    no_image = dict.fromkeys(("image_id", "name", "namespace", "sha256", "bytes"))
+    entries = without_time(lines_of(path))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", entries[2].pop("expires_at"))
+    assert entries == [
+        {"action": "upload", **by_alice, **the_image, "status": 303},
+        {"action": "refuse", **by_alice, **no_image, "name": "sneaky", "namespace": "new",
+         "status": 400, "rule": "backing_file"},
+        {"action": "link.create", **by_alice, **the_image, "status": 200},
+        {"action": "delete", **by_alice, **the_image, "status": 303},
+    ]
 
 
 def test_the_client_address_is_the_proxys_client_when_proxy_headers_are_trusted(

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import sample_images
 from conftest import ROOT, make_rows
+from test_metrics import grown, scrape
 
 from models import Image, Namespace, Token, User
 from namespaces import ensure_namespace
 
+UPLOADS = "imagestore_uploads_total"
 HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 HOSTILE = '<script>alert("x")</script>"><img src=x onerror=alert(1)>'
 
@@ -343,8 +345,10 @@ def test_a_hostile_image_is_refused_with_its_reason_and_nothing_kept(
         client, alice, tmp_path, store_files):
     hostile = sample_images.with_backing(tmp_path, "/etc/passwd").read_bytes()
     csrf = sign_in(client, alice)
+    before = scrape(client)
     response = post_form_upload(client, csrf, hostile, name="sneaky", namespace="new")
     assert response.status_code == 400
+    assert grown(before, scrape(client))[UPLOADS, (("outcome", "backing_file"),)] == 1
     assert re.search(r'id="file-error">[^<]*has a backing file', response.text)
     assert 'value="sneaky"' in response.text and 'value="new"' in response.text
     assert Image.select().count() == 0 and Namespace.select().count() == 0
@@ -367,12 +371,16 @@ def test_a_bad_name_or_namespace_is_shown_beside_its_field(
 
 def test_a_taken_name_and_a_missing_file_are_refused(client, alice, qcow2_bytes):
     csrf = sign_in(client, alice)
+    before = scrape(client)
     post_form_upload(client, csrf, qcow2_bytes)
     response = post_form_upload(client, csrf, qcow2_bytes)
     assert response.status_code == 400 and "Name already exists" in response.text
     response = client.post("/ui/upload", content_type="multipart/form-data",
                            data={"csrf_token": csrf, "name": "other"})
     assert response.status_code == 400 and "Choose a QCOW2 image file" in response.text
+    uploads = {key[1][0][1]: value for key, value in grown(before, scrape(client)).items()
+               if key[0] == UPLOADS}
+    assert uploads == {"stored": 1, "name_taken": 1, "no_file": 1}
 
 
 def test_the_upload_script_gets_json_answers(client, alice, qcow2_bytes, tmp_path):

@@ -22,6 +22,20 @@ FIELDS = ["time", "action", "user", "token_id", "client", "image_id", "name", "n
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
+NO_IMAGE = dict.fromkeys(("image_id", "name", "namespace", "sha256", "bytes"))
+
+
+def alice_on_an_audited_app(make_app, make_account, tmp_path):
+    """An app writing its audit log to a file, and alice with every scope: (test client,
+    the log's path, alice's account, the audit fields of her requests)."""
+    path = tmp_path / "audit.log"
+    app = make_app(AUDIT_LOG=str(path))
+    with app.app_context():
+        alice = make_account("alice")
+        by_alice = {"user": "alice", "token_id": token_id(alice), "client": "127.0.0.1"}
+    return app.test_client(), path, alice, by_alice
+
+
 def lines_of(path):
     """Every line of the audit log at path, each parsed (a line that is not one JSON
     object fails the test)."""
@@ -123,24 +137,23 @@ def test_one_line_for_each_action_with_who_what_and_the_answer(make_app, make_ac
                  "sha256": created["sha256"], "bytes": len(qcow2_bytes)}
     by_alice = {"user": "alice", "token_id": alice_id, "client": "127.0.0.1"}
     nobody = {"user": None, "token_id": None, "client": "127.0.0.1"}
-    no_image = dict.fromkeys(("image_id", "name", "namespace", "sha256", "bytes"))
     entries = lines_of(path)
     assert without_time(entries) == [
         {"action": "upload", **by_alice, **the_image, "status": 201},
-        {"action": "refuse", **by_alice, **no_image, "name": "junk", "status": 400,
+        {"action": "refuse", **by_alice, **NO_IMAGE, "name": "junk", "status": 400,
          "rule": "not_qcow2"},
         {"action": "download", **by_alice, **the_image, "status": 200},
         {"action": "link.create", **by_alice, **the_image, "status": 201,
          "expires_at": made["expires_at"]},
         {"action": "link.use", **nobody, **the_image, "bytes": 10, "status": 206},
-        {"action": "auth.failure", **nobody, **no_image, "status": 403,
+        {"action": "auth.failure", **nobody, **NO_IMAGE, "status": 403,
          "reason": "Link is not valid", "method": "GET", "route": "/links/<token>/<filename>"},
-        {"action": "auth.failure", **nobody, **no_image, "status": 401,
+        {"action": "auth.failure", **nobody, **NO_IMAGE, "status": 401,
          "reason": "Missing bearer token", "method": "GET", "route": "/images"},
-        {"action": "auth.failure", **nobody, **no_image, "status": 401,
+        {"action": "auth.failure", **nobody, **NO_IMAGE, "status": 401,
          "reason": "Invalid token", "method": "GET", "route": "/images"},
         {"action": "auth.failure", "user": "reader", "token_id": reader_id,
-         "client": "127.0.0.1", **no_image, "status": 403,
+         "client": "127.0.0.1", **NO_IMAGE, "status": 403,
          "reason": "Token lacks the image:delete scope", "method": "DELETE",
          "route": "/images/<int:image_id>"},
         {"action": "delete", **by_alice, **the_image, "status": 204},
@@ -154,12 +167,7 @@ def test_an_import_refused_at_its_post_has_its_line_with_the_url_asked_for(
         make_app, make_account, tmp_path):
     """A download_url the address guard refuses (here the cloud metadata address) is what
     an operator wants to see; its password is never written, even where the URL is cut."""
-    path = tmp_path / "audit.log"
-    app = make_app(AUDIT_LOG=str(path))
-    client = app.test_client()
-    with app.app_context():
-        alice = make_account("alice")
-        alice_id = token_id(alice)
+    client, path, alice, by_alice = alice_on_an_audited_app(make_app, make_account, tmp_path)
     long_secret = "hunter2" * 40
     asked = [{"name": "probe", "namespace": "ops",
               "download_url": "http://u:hunter2@169.254.169.254/latest/meta-data"},
@@ -167,15 +175,13 @@ def test_an_import_refused_at_its_post_has_its_line_with_the_url_asked_for(
              ["not", "an", "object"]]
     for body in asked:
         assert client.post("/images", json=body, headers=alice.headers).status_code == 400
-    by_alice = {"user": "alice", "token_id": alice_id, "client": "127.0.0.1"}
-    no_image = dict.fromkeys(("image_id", "name", "namespace", "sha256", "bytes"))
     assert without_time(lines_of(path)) == [
-        {"action": "refuse", **by_alice, **no_image, "name": "probe", "namespace": "ops",
+        {"action": "refuse", **by_alice, **NO_IMAGE, "name": "probe", "namespace": "ops",
          "status": 400, "rule": "download_url",
          "source": "http://169.254.169.254/latest/meta-data"},
-        {"action": "refuse", **by_alice, **no_image, "name": "probe2", "status": 400,
+        {"action": "refuse", **by_alice, **NO_IMAGE, "name": "probe2", "status": 400,
          "rule": "download_url", "source": "http://169.254.169.254/"},
-        {"action": "refuse", **by_alice, **no_image, "status": 400, "rule": "broken_body",
+        {"action": "refuse", **by_alice, **NO_IMAGE, "status": 400, "rule": "broken_body",
          "source": None},
     ]
     assert "hunter2" not in path.read_text()
@@ -185,12 +191,7 @@ def test_the_web_uis_uploads_links_and_deletes_have_their_lines(make_app, make_a
                                                               qcow2_bytes, tmp_path):
     """The form's changes are written as the API's are, with the signed-in user and the
     status the browser was answered with."""
-    path = tmp_path / "audit.log"
-    app = make_app(AUDIT_LOG=str(path))
-    client = app.test_client()
-    with app.app_context():
-        alice = make_account("alice")
-        alice_id = token_id(alice)
+    client, path, alice, by_alice = alice_on_an_audited_app(make_app, make_account, tmp_path)
     csrf = sign_in(client, alice)
     stored = post_form_upload(client, csrf, qcow2_bytes, name="kept")
     assert stored.status_code == 303
@@ -205,13 +206,11 @@ def test_the_web_uis_uploads_links_and_deletes_have_their_lines(make_app, make_a
     image_id = int(page.rsplit("/", 1)[1])
     the_image = {"image_id": image_id, "name": "kept", "namespace": None,
                  "sha256": hashlib.sha256(qcow2_bytes).hexdigest(), "bytes": len(qcow2_bytes)}
-    by_alice = {"user": "alice", "token_id": alice_id, "client": "127.0.0.1"}
-    no_image = dict.fromkeys(("image_id", "name", "namespace", "sha256", "bytes"))
     entries = without_time(lines_of(path))
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", entries[2].pop("expires_at"))
     assert entries == [
         {"action": "upload", **by_alice, **the_image, "status": 303},
-        {"action": "refuse", **by_alice, **no_image, "name": "sneaky", "namespace": "new",
+        {"action": "refuse", **by_alice, **NO_IMAGE, "name": "sneaky", "namespace": "new",
          "status": 400, "rule": "backing_file"},
         {"action": "link.create", **by_alice, **the_image, "status": 200},
         {"action": "delete", **by_alice, **the_image, "status": 303},

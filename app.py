@@ -92,7 +92,7 @@ def prepare_instance(app):
         recover(app.extensions["storage"], has_image_with_key)
         sweep_expired(app.extensions["storage"])
         jobs.prune_failed()
-        webhooks.prune_deliveries(app.config["JOB_HISTORY"])
+        webhooks.prune_deliveries()
         # None left pending for ever (imports.py); their events need PUBLIC_URL.
         imports.recover_imports(base_url=app.config["PUBLIC_URL"])
         image_stats.recount()  # the totals /metrics shows, right again at every start

@@ -414,7 +414,7 @@ def sweep(min_age):
     if expired:  # a line of its own, only then: scripts read the line above as it was
         click.echo(f"removed {expired} expired uploads")
     failed = jobs.prune_failed()
-    records = webhooks.prune_deliveries(current_app.config["JOB_HISTORY"])
+    records = webhooks.prune_deliveries()
     if failed or records:
         click.echo(f"removed {failed} failed jobs and {records} webhook delivery records "
                    "older than JOB_HISTORY")

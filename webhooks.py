@@ -45,8 +45,7 @@ def register_job(config):
     try more than there are waits, WEBHOOK_TIMEOUT for each."""
     timeout = config["WEBHOOK_TIMEOUT"]
     backoff = config["WEBHOOK_BACKOFF"]
-    deliver_one = partial(deliver, timeout=timeout, keep=config["JOB_HISTORY"])
-    jobs.register(KIND, deliver_one, backoff=backoff,
+    jobs.register(KIND, partial(deliver, timeout=timeout), backoff=backoff,
                   max_attempts=len(backoff) + 1, timeout=TRY_TIMEOUTS * timeout + 30)
 
 
@@ -109,10 +108,10 @@ def signed_headers(hook, event, body):
             "X-Djinn-CI-Signature": f"sha256={digest}", EVENT_ID_HEADER: event}
 
 
-def deliver(payload, timeout, keep):
-    """One try of a delivery job: POST the body, record the try (keeping the webhook's
-    records of the last `keep` seconds), raise if it failed. A webhook deleted since the
-    event was queued gets nothing."""
+def deliver(payload, timeout):
+    """One try of a delivery job: POST the body, record the try (the webhook's records
+    past JOB_HISTORY go), raise if it failed. A webhook deleted since the event was queued
+    gets nothing."""
     hook = Webhook.get_or_none(Webhook.id == payload["webhook"])
     if hook is None:
         log.info("webhook %s is gone; its %s event is dropped", payload["webhook"],
@@ -122,7 +121,7 @@ def deliver(payload, timeout, keep):
     headers = signed_headers(hook, payload["event"], body)
     status, error = post(hook.url, body, headers, timeout)
     record_try(hook, payload, status, error)
-    prune_deliveries(keep, hook)
+    prune_deliveries(hook)
     delivered = error is None and 200 <= status < 300
     metrics.count_webhook_delivery(
         "delivered" if delivered else "gave_up" if jobs.last_try() else "failed")
@@ -140,10 +139,10 @@ def record_try(hook, payload, status, error):
                                       status=status, error=error)
 
 
-def prune_deliveries(keep, hook=None):
-    """Remove the delivery records older than keep seconds (of one webhook, or of all);
-    how many."""
-    old = WebhookDelivery.created_at < utcnow() - timedelta(seconds=keep)
+def prune_deliveries(hook=None):
+    """Remove the delivery records older than JOB_HISTORY (jobs.settings, as for failed
+    jobs), of one webhook or of all; how many."""
+    old = WebhookDelivery.created_at < utcnow() - timedelta(seconds=jobs.settings.history)
     if hook is not None:
         old &= WebhookDelivery.webhook == hook
     return WebhookDelivery.delete().where(old).execute()

@@ -8,14 +8,18 @@ import sys
 from pathlib import Path
 
 from imagestore_client import __version__
+from imagestore_client.cache import Cache, prune
 from imagestore_client.config import load_config
 from imagestore_client.errors import INTERRUPTED, NETWORK, ClientError, UsageError
 from imagestore_client.progress import human
-from imagestore_client.pull import Cache, pull
+from imagestore_client.pull import pull
 from imagestore_client.push import PIECE_SIZE, push
 from imagestore_client.server import Server, find_image, in_namespace
 
 SIZE = re.compile(r"([0-9]+)([KMG]?)(?:i?B)?", re.IGNORECASE)
+AGE = re.compile(r"([0-9]{1,9})([smhd]?)")
+DEFAULT_AGE = "30d"
+SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 EXIT_CODES = """exit codes: 0 done; 1 the server refused (its message is printed); 2 usage or
 configuration; 3 network or local I/O (run again to resume a push or pull); 4 no such image;
 5 a download that does not match its sha256 (nothing cached); 130 interrupted"""
@@ -29,13 +33,44 @@ def size(text):
     return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
 
 
+def age(text):
+    """An age: seconds, or with s, m, h or d."""
+    match = AGE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not an age: {text!r} (e.g. 30d, 12h)")
+    return int(match.group(1)) * SECONDS[match.group(2)]
+
+
+def age_text(seconds):
+    """An age in its largest whole unit: 2592000 -> '30d'."""
+    unit = next(u for u in "dhms" if seconds % SECONDS[u] == 0)
+    return f"{seconds // SECONDS[unit]}{unit}"
+
+
+def cache_of(config, args):
+    """The cache folder: --cache, else the configured one."""
+    return Cache(Path(args.cache).expanduser() if args.cache else config.cache)
+
+
 def run_push(server, config, args):
     print(push(server, config, args.file, args.name, args.namespace, args.piece_size, args.quiet))
 
 
 def run_pull(server, config, args):
-    cache = Cache(Path(args.cache).expanduser() if args.cache else config.cache)
-    print(pull(server, args.image, args.namespace, cache, config.retries, args.quiet))
+    print(pull(server, args.image, args.namespace, cache_of(config, args), config.retries,
+               args.quiet))
+
+
+def run_prune(server, config, args):
+    pruned = prune(cache_of(config, args), args.older_than, args.dry_run)
+    for path in pruned.removed:
+        print(path)
+    if not args.quiet:
+        verb = "would remove" if args.dry_run else "removed"
+        busy = f"; {len(pruned.busy)} left, a pull holds them" if pruned.busy else ""
+        files = f"{len(pruned.removed)} file{'' if len(pruned.removed) == 1 else 's'}"
+        print(f"imagestore: {verb} {files} ({human(pruned.size)}) not used for "
+              f"{age_text(args.older_than)}{busy}", file=sys.stderr)
 
 
 def namespace_label(image):
@@ -94,25 +129,43 @@ def add_namespace(parser):
                         help="the image's namespace (default: outside namespaces)")
 
 
+def add_cache_commands(command):
+    """pull and prune, the cache's commands; command(name, run, text, server) makes one."""
+    pull_command = command("pull", run_pull, "download an image into the cache; print its path")
+    add_image_argument(pull_command)
+    prune_command = command("prune", run_prune, "remove cached images not pulled or read for "
+                            "AGE; print their paths", server=False)
+    prune_command.add_argument("--older-than", type=age, default=age(DEFAULT_AGE),
+                               metavar="AGE", help="unused for this long: seconds, or with s, "
+                               f"m, h, d (default {DEFAULT_AGE})")
+    prune_command.add_argument("--dry-run", action="store_true",
+                               help="only print what would go")
+    for sub in (pull_command, prune_command):
+        sub.add_argument("--cache", metavar="DIR",
+                         help="the cache folder (default ~/.cache/imagestore)")
+
+
 def build_parser():
     """The command line."""
     parser = argparse.ArgumentParser(
         prog="imagestore", epilog=EXIT_CODES,
-        description="Push, pull (into a cache), list, link and delete images of an imagestore "
-                    "server (IMAGESTORE_URL, IMAGESTORE_TOKEN, or "
+        description="Push, pull (into a cache that prune trims), list, link and delete images "
+                    "of an imagestore server (IMAGESTORE_URL, IMAGESTORE_TOKEN, or "
                     "~/.config/imagestore/config.toml).")
     parser.add_argument("--version", action="version", version=f"imagestore {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bar or summary on standard error")
-    common.add_argument("--retries", type=int, metavar="N",
-                        help="tries after a broken connection, in a row (default 8)")
+    network = argparse.ArgumentParser(add_help=False)
+    network.add_argument("--retries", type=int, metavar="N",
+                         help="tries after a broken connection, in a row (default 8)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name, run, text):
-        sub = commands.add_parser(name, parents=[common], help=text, description=text,
+    def command(name, run, text, server=True):
+        parents = [common, network] if server else [common]
+        sub = commands.add_parser(name, parents=parents, help=text, description=text,
                                   epilog=EXIT_CODES)
-        sub.set_defaults(run=run)
+        sub.set_defaults(run=run, server=server)
         return sub
 
     sub = command("push", run_push, "upload FILE as image NAME (resumable); print its URL")
@@ -121,10 +174,7 @@ def build_parser():
     add_namespace(sub)
     sub.add_argument("--piece-size", type=size, default=PIECE_SIZE, metavar="SIZE",
                      help="bytes sent in one request (default 64M)")
-    sub = command("pull", run_pull, "download an image into the cache; print its path")
-    add_image_argument(sub)
-    sub.add_argument("--cache", metavar="DIR",
-                     help="the cache folder (default ~/.cache/imagestore)")
+    add_cache_commands(command)
     sub = command("ls", run_ls, "list images, newest first (SEARCH: part of the name)")
     sub.add_argument("search", nargs="?", metavar="SEARCH")
     sub.add_argument("--namespace", "-n", metavar="PATH[@OWNER]",
@@ -143,12 +193,12 @@ def main(argv=None):
     """Run the command; the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        config = load_config()
-        if args.retries is not None:
+        config = load_config(server=args.server)
+        if getattr(args, "retries", None) is not None:
             if args.retries < 0:
                 raise UsageError("--retries must be 0 or more")
             config.retries = args.retries
-        args.run(Server(config), config, args)
+        args.run(Server(config) if args.server else None, config, args)
     except ClientError as error:
         print(f"imagestore: {error}", file=sys.stderr)
         return error.exit_code

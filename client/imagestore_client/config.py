@@ -23,7 +23,7 @@ DEFAULT_RETRIES = 8
 class Config:
     """The settings of one run of the command."""
 
-    url: str
+    url: str | None
     token: str | None
     cache: Path
     state: Path
@@ -71,8 +71,9 @@ def warn_if_readable(path):
               f"(chmod 600 {path})", file=sys.stderr)
 
 
-def load_config(env=None):
-    """The settings of this run; UsageError when no server is configured."""
+def load_config(env=None, server=True):
+    """The settings of this run; UsageError when no server is configured (server=False:
+    a command that needs none, whose url may be None)."""
     env = os.environ if env is None else env
     path = config_path(env)
     settings = read_file(path)
@@ -81,14 +82,16 @@ def load_config(env=None):
         if env.get(variable):
             settings[key], source[key] = env[variable], variable
     if not settings.get("url"):
-        raise UsageError(f"no server configured: set IMAGESTORE_URL, or url in {path}")
-    if not settings["url"].startswith(("http://", "https://")):
+        if server:
+            raise UsageError(f"no server configured: set IMAGESTORE_URL, or url in {path}")
+        settings["url"], source["url"] = "", "nowhere"
+    elif not settings["url"].startswith(("http://", "https://")):
         raise UsageError(f"the server's URL must start with http:// or https://: "
                          f"{settings['url']!r} (from {source['url']})")
     if settings.get("retries", 0) < 0:
         raise UsageError(f"{path}: retries must be 0 or more")
     cache = settings.get("cache") or xdg_folder(env, "XDG_CACHE_HOME", ".cache") / "imagestore"
-    return Config(url=settings["url"].rstrip("/"), token=settings.get("token") or None,
+    return Config(url=settings["url"].rstrip("/") or None, token=settings.get("token") or None,
                   cache=Path(cache).expanduser(),
                   state=xdg_folder(env, "XDG_STATE_HOME", ".local/state") / "imagestore",
                   retries=settings.get("retries", DEFAULT_RETRIES),

@@ -4,15 +4,13 @@ A file there was checked against its sha256 before it was moved in, and is never
 after. A download in progress is CACHE/partial/<hex>.part; a broken one goes on with Range
 and If-Range (the ETag is the sha256), in this run or the next. Processes pulling one image
 at once take CACHE/locks/<hex>.lock (flock) in turn: the first downloads, the others find
-the file and only revalidate it (If-None-Match: 304, no bytes).
+the file and only revalidate it (If-None-Match: 304, no bytes). Each pull marks the file
+used (cache.py), for `imagestore prune`.
 """
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import re
-import sys
 from urllib.parse import urljoin
 
 from imagestore_client.errors import ClientError, IntegrityError
@@ -23,33 +21,6 @@ from imagestore_client.server import DISK, TRANSIENT, Broken, broken, find_image
 SHA256 = re.compile(r"[0-9a-f]{64}")
 PIECE = 1 << 20  # bytes read from the answer at a time; a break loses at most this much
 REDIRECTS = (301, 302, 303, 307, 308)
-
-
-class Cache:
-    """The cache folder: finished files, partial downloads, lock files."""
-
-    def __init__(self, root):
-        self.root = root
-
-    def path(self, sha256):
-        return self.root / "sha256" / f"{sha256}.qcow2"
-
-    def partial(self, sha256):
-        return self.root / "partial" / f"{sha256}.part"
-
-    @contextlib.contextmanager
-    def locked(self, sha256):
-        """Hold this image's lock for the block, waiting (and saying so) while another
-        process holds it."""
-        path = self.root / "locks" / f"{sha256}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"imagestore: waiting for another pull of {sha256[:12]}…", file=sys.stderr)
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            yield  # the lock goes with the file's close
 
 
 class PartialFile:
@@ -187,6 +158,7 @@ def pull(server, ref, namespace, cache, retries=8, quiet=False):
     target = cache.path(sha256)
     with cache.locked(sha256):
         if target.exists() and revalidate(server, image, sha256):
+            cache.mark_used(sha256)
             return target
         partial = PartialFile(cache.partial(sha256))
         try:
@@ -195,4 +167,5 @@ def pull(server, ref, namespace, cache, retries=8, quiet=False):
             partial.file.close()
             raise
         partial.install(target)
+        cache.mark_used(sha256)
     return target

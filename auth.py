@@ -74,8 +74,8 @@ def authenticate(credentials):
         raise unauthorized()
     # No .token: Werkzeug read the value as parameters (an "=" inside it), which no token
     # of ours has.
-    found = credentials.token and compiled.models(
-        _token_query, {"hash": hash_token(credentials.token)})
+    found = credentials.token and compiled.graph(
+        _token_query, {"hash": hash_token(credentials.token)}, ("", "user"))
     token = found[0] if found else None
     if token is None:
         raise unauthorized("Invalid token")

@@ -27,15 +27,18 @@ PAGE_DIGITS = sys.get_int_max_str_digits() or 4300
 MAX_NAMESPACE_TERMS = 200
 
 
+# What an image is read with, by the attribute path each is found at (IMAGE_ROW's prefixes).
+RELATIONS = ("", "author", "user", "namespace", "namespace.user")
+
+
 def _with_relations(columns=None):
     """Images with author, user, namespace and the namespace's user, in one query: whole
-    models, or columns(sources) picked from them (sources by IMAGE_ROW's prefixes)."""
-    author, owner, ns_owner = User.alias(), User.alias(), User.alias()
-    if columns is None:
-        selection = (Image, author, owner, Namespace, ns_owner)
-    else:
-        selection = columns({"": Image, "author": author, "user": owner,
-                             "namespace": Namespace, "namespace.user": ns_owner})
+    models in the order of RELATIONS, or columns(sources) picked from them (sources by
+    RELATIONS)."""
+    sources = dict(zip(RELATIONS, (Image, User.alias(), User.alias(), Namespace, User.alias()),
+                       strict=True))
+    author, owner, ns_owner = sources["author"], sources["user"], sources["namespace.user"]
+    selection = tuple(sources.values()) if columns is None else columns(sources)
     return (
         Image.select(*selection)
         .join_from(Image, author, on=(Image.author == author.id), attr="author")
@@ -55,11 +58,18 @@ def image_row_columns(sources):
     return columns
 
 
+def _image_by_id():
+    """The image whose id is in slot "id", with its relations."""
+    return _with_relations().where(Image.id == slot("id"))
+
+
 def find_image(image_id):
-    """The image with its relations, or None."""
+    """The image with its relations, or None. Compiled once (compiled.py): every request
+    about one image, and each Range request of a VM booting from a link, asks for it."""
     if not 0 < image_id <= MAX_ID:
         return None
-    return _with_relations().where(Image.id == image_id).first()
+    found = compiled.graph(_image_by_id, {"id": image_id}, RELATIONS)
+    return found[0] if found else None
 
 
 def _like_pattern(text):

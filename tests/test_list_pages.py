@@ -8,9 +8,10 @@ import pytest
 from flask.json.provider import DefaultJSONProvider
 from playhouse.test_utils import count_queries
 
+import queries
 from models import Collaborator, Image, Namespace, User
 from namespaces import ensure_namespace
-from queries import find_image
+from queries import RELATIONS, find_image
 from representations import image_json, rfc3339
 
 
@@ -197,6 +198,39 @@ def add_imports(bob, namespace):
                      download_started_at=times[0], download_finished_at=times[1], **fields)
 
 
+def peewee_image(image_id):
+    """The image as peewee's own reader makes it from find_image's query: the reference
+    for find_image's objects, which compiled.graph makes."""
+    return queries._with_relations().where(Image.id == image_id).first()
+
+
+def at_path(image, path):
+    """The object at an attribute path of RELATIONS ("namespace.user"), or None."""
+    for attr in filter(None, path.split(".")):
+        image = image and getattr(image, attr)
+    return image
+
+
+def test_find_image_makes_the_objects_that_peewee_makes(mixed_images):
+    ids = [image.id for image in Image.select().order_by(Image.id)]
+    for image_id in ids:  # one after another: each run binds its own id
+        with count_queries() as counted:
+            ours = find_image(image_id)
+            mine_all = [at_path(ours, path) for path in RELATIONS]
+        assert counted.count == 1  # the relations came with it, none loaded later
+        theirs = peewee_image(image_id)
+        for path, mine in zip(RELATIONS, mine_all, strict=True):
+            reference = at_path(theirs, path)
+            assert type(mine) is type(reference)
+            assert (mine and mine.__data__) == (reference and reference.__data__), path
+            assert not (mine and mine._dirty)  # loaded, not changed: a save writes nothing new
+    nested = find_image(Image.get(Image.name == "nested").id)
+    assert (nested.author.username, nested.user.username) == ("bob", "alice")
+    assert nested.namespace.user.username == "alice"
+    assert find_image(Image.get(Image.name == "plain").id).namespace is None
+    assert find_image(max(ids) + 1) is None
+
+
 def test_list_page_is_byte_for_byte_the_json_of_model_objects(app, client, bob, mixed_images):
     response = client.get("/images", headers=bob.headers)
     assert response.status_code == 200
@@ -204,7 +238,7 @@ def test_list_page_is_byte_for_byte_the_json_of_model_objects(app, client, bob, 
     # Newest first; "mine" and "nested" share a second, so the larger id goes first.
     assert [i["name"] for i in listed] == ["mine", "nested", "plain", "rooted",
                                            "fetched", "failed", "queued"]
-    models = [find_image(image["id"]) for image in listed]
+    models = [peewee_image(image["id"]) for image in listed]
     base = "http://localhost"
     assert listed == [image_json(image, base) for image in models]
     assert response.get_data() == json_bytes_before(
@@ -237,7 +271,7 @@ def test_single_image_is_byte_for_byte_the_json_of_model_objects(app, client, bo
     for image in list(Image.select().where(Image.name != "hidden")):
         response = client.get(f"/images/{image.id}", headers=bob.headers)
         assert response.status_code == 200
-        expected = image_json_before(find_image(image.id), "http://localhost")
+        expected = image_json_before(peewee_image(image.id), "http://localhost")
         assert response.get_data() == json_bytes_before(app, expected)
 
 

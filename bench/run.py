@@ -837,12 +837,13 @@ def count_statements(app, token, path):
 UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
-def wrk(url, token, connections, seconds):
-    """Requests/s and median latency from wrk."""
+def wrk(url, token, connections, seconds, headers=()):
+    """Requests/s and median latency from wrk (token None: no Authorization header)."""
     threads = min(2, connections)
+    headers = [*headers, *([f"Authorization: Bearer {token}"] if token else [])]
     result = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
-         "-H", f"Authorization: Bearer {token}", url],
+         *(arg for header in headers for arg in ("-H", header)), url],
         check=True, capture_output=True, text=True)
     text = result.stdout
     if "Non-2xx" in text or "Socket errors" in text:
@@ -896,6 +897,51 @@ def bench_list(cfg, server, token):
         results["rps"][str(total)] = list_rps(f"{server.url}/images?page=1", trivial, token,
                                               seconds, reps)
     return results
+
+
+# ---------------------------------------------------------------- Range requests
+
+# One read of QEMU's curl block driver: its readahead is 256 KiB, a request a read.
+RANGE_HEADER = f"Range: bytes={MiB}-{MiB + 256 * 1024 - 1}"
+RANGE_FILE_SIZE = 64 * MiB
+RANGE_WAYS = ("link", "api", "nginx")
+
+
+def bench_ranges(cfg, work, server, token, nginx):
+    """Requests/s (wrk -c1) of a 256 KiB Range request, as QEMU booting from a URL makes
+    them: through a signed link, through GET /images/:id with the token, and from nginx's
+    copy of the same file, taking turns: {"link": [...], "api": [...], "nginx": [...]}."""
+    path = make_qcow2(nginx["files"].parent / "ranges.qcow2", RANGE_FILE_SIZE)
+    client = Imagestore(server, token, work)
+    client.upload(path, None)
+    reply = work / "link.json"
+    status, _, _ = curl("-X", "POST", "-H", client.auth,
+                        f"{server.url}/images/{client.last}/links", out=reply)
+    expect(status, (201,), "imagestore link")
+    targets = {"link": (json.loads(reply.read_text())["url"], None, ()),
+               "api": (f"{server.url}/images/{client.last}", token,
+                       ("Accept: application/octet-stream",)),
+               "nginx": (f"{nginx['url']}/ranges.qcow2", None, ())}
+    runs = {way: [] for way in RANGE_WAYS}
+    for rep in range(cfg["wrk_reps"]):
+        for way in RANGE_WAYS if rep % 2 == 0 else RANGE_WAYS[::-1]:
+            url, secret, headers = targets[way]
+            runs[way].append(wrk(url, secret, 1, cfg["wrk_seconds"],
+                                 (RANGE_HEADER, *headers))[0])
+        print(f"    rep {rep + 1}: " + ", ".join(f"{way} {runs[way][-1]:.0f}"
+                                                for way in RANGE_WAYS) + " req/s", flush=True)
+    client.remove()
+    path.unlink()
+    return runs
+
+
+def range_rows(rg):
+    """The Range requests of imagestore's two ways against nginx's."""
+    ways = {"link": "a signed link (`GET /links/…`, as QEMU boots from it)",
+            "api": "`GET /images/:id` with the token"}
+    return [(f"Range request of 256 KiB through {text}: req/s (wrk -c1)", fmt_spread(rg[way]),
+             f"nginx static file, same Range: {fmt_spread(rg['nginx'])}",
+             ratio(rg[way], rg["nginx"]), "—") for way, text in ways.items()]
 
 
 # ---------------------------------------------------------------- /metrics
@@ -1198,6 +1244,8 @@ def table(results):
         rows += list_rows(results["list"])
     if "import" in results:
         rows += import_rows(results["import"])
+    if "ranges" in results:
+        rows += range_rows(results["ranges"])
     if "metrics" in results:
         rows += metrics_rows(results["metrics"])
     head = "| figure | imagestore | reference | ratio | goal |\n| --- | --- | --- | --- | --- |\n"
@@ -1266,7 +1314,8 @@ def report(results, command):
 # ---------------------------------------------------------------- main
 
 
-PARTS = ("transfers", "refusal", "resumable", "inspection", "list", "import", "metrics")
+PARTS = ("transfers", "refusal", "resumable", "inspection", "list", "import", "ranges",
+         "metrics")
 
 
 def parse_args():
@@ -1297,7 +1346,8 @@ def run_parts(cfg, parts, results):
               flush=True)
         store = start_imagestore(work, stack)
         token = store.token("bench")
-        nginx = start_nginx(work, stack) if {"transfers", "import"} & set(parts) else None
+        nginx = (start_nginx(work, stack) if {"transfers", "import", "ranges"} & set(parts)
+                 else None)
         if "transfers" in parts:
             registry = start_registry(work, stack)
             clients = [Imagestore(store, token, work), Nginx(nginx), Registry(registry, work)]
@@ -1318,6 +1368,9 @@ def run_parts(cfg, parts, results):
         if "import" in parts:
             print("import from a URL (nginx on loopback) against curl -o", flush=True)
             results["import"] = bench_import(cfg, work, store, token, nginx)
+        if "ranges" in parts:
+            print("Range requests of 256 KiB (req/s)", flush=True)
+            results["ranges"] = bench_ranges(cfg, work, store, token, nginx)
         if "metrics" in parts:
             print("/metrics", flush=True)
             results["metrics"] = bench_metrics(cfg, store, token)

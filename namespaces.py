@@ -51,21 +51,6 @@ def parse_namespace_ref(text):
     return NamespaceRef(segments, owner or None)
 
 
-def is_collaborator(user, root):
-    """Collaborators are kept on the root namespace and cover all its children."""
-    return (
-        Collaborator.select()
-        .where(Collaborator.namespace == root.id, Collaborator.user == user.id)
-        .exists()
-    )
-
-
-def can_write(user, namespace):
-    """Owner or collaborator of the namespace's root."""
-    root = namespace.root
-    return root.user_id == user.id or is_collaborator(user, root)
-
-
 def may_read(user, visibility, is_writer):
     """Who reads a namespace, by its root's visibility: anyone, without a token too (user
     None), under a public root; any user under an internal one; else its writers
@@ -77,33 +62,45 @@ def may_read(user, visibility, is_writer):
     return visibility == "internal" or is_writer()
 
 
-def can_read(user, namespace):
-    """may_read for a namespace model; user None for a request without a token."""
-    return may_read(user, namespace.root.visibility, lambda: can_write(user, namespace))
-
-
 @dataclass(frozen=True)
 class NamespaceAccess:
     """A namespace as its readers are decided: its id, its root's visibility, and whether
-    the asking user writes to it (owns its root or collaborates on it)."""
+    the asking user writes to it (owns its root or collaborates on it: collaborators are
+    kept on the root and cover all its children)."""
 
     id: int
     visibility: str
     writer: bool
 
 
-def _access_query():
-    """The namespace of username (slot "owner") at slot "path", with its root's visibility,
-    the root's owner and slot "user"'s collaboration on the root (NULL when none)."""
+def _access_query(by_path):
+    """The namespace with id slot "id" (by_path: of username slot "owner" at slot "path"),
+    with its root's visibility, the root's owner and slot "user"'s collaboration on the
+    root (NULL when none)."""
     owner, root = User.alias(), Namespace.alias()
-    return (Namespace.select(Namespace.id, root.visibility, root.user, Collaborator.id)
-            .join_from(Namespace, owner, on=(Namespace.user == owner.id))
-            .join_from(Namespace, root, on=(Namespace.root == root.id))
-            .join_from(Namespace, Collaborator, JOIN.LEFT_OUTER,
-                       on=((Collaborator.namespace == root.id)
-                           & (Collaborator.user == slot("user"))))
+    query = (Namespace.select(Namespace.id, root.visibility, root.user, Collaborator.id)
+             .join_from(Namespace, root, on=(Namespace.root == root.id))
+             .join_from(Namespace, Collaborator, JOIN.LEFT_OUTER,
+                        on=((Collaborator.namespace == root.id)
+                            & (Collaborator.user == slot("user")))))
+    if not by_path:
+        return query.where(Namespace.id == slot("id"))
+    return (query.join_from(Namespace, owner, on=(Namespace.user == owner.id))
             .where(owner.username == slot("owner"), Namespace.path == slot("path"))
             .limit(1))
+
+
+def _access(user, values, by_path):
+    """The NamespaceAccess that _access_query(by_path) finds for user, or None. One
+    compiled query: reading the root and the collaboration through peewee's models took
+    two queries compiled anew each time, most of a request about an image in a namespace."""
+    found = compiled.rows(_access_query, {**values, "user": user.id if user else None},
+                          (by_path,))
+    if not found:
+        return None
+    ns_id, visibility, root_owner, collaboration = found[0]
+    writer = user is not None and (root_owner == user.id or collaboration is not None)
+    return NamespaceAccess(ns_id, visibility, writer)
 
 
 def namespace_access(user, ref):
@@ -112,13 +109,19 @@ def namespace_access(user, ref):
     owner = ref.owner or (user.username if user is not None else None)
     if owner is None:
         return None
-    values = {"owner": owner, "path": ref.path, "user": user.id if user else None}
-    found = compiled.rows(_access_query, values)
-    if not found:
-        return None
-    ns_id, visibility, root_owner, collaboration = found[0]
-    writer = user is not None and (root_owner == user.id or collaboration is not None)
-    return NamespaceAccess(ns_id, visibility, writer)
+    return _access(user, {"owner": owner, "path": ref.path}, by_path=True)
+
+
+def can_write(user, namespace):
+    """Owner or collaborator of the namespace's root."""
+    found = _access(user, {"id": namespace.id}, by_path=False)
+    return found is not None and found.writer
+
+
+def can_read(user, namespace):
+    """may_read for a namespace model; user None for a request without a token."""
+    found = _access(user, {"id": namespace.id}, by_path=False)
+    return found is not None and may_read(user, found.visibility, lambda: found.writer)
 
 
 def find_namespace(owner, path):

@@ -1,11 +1,10 @@
 """Namespaces: path[@owner], auto-creation, owners and collaborators, visibility on the root."""
 
-import logging
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
-from playhouse.test_utils import count_queries
+from test_list_pages import count_queries_of
 
 from errors import ValidationError
 from models import Collaborator, Image, Namespace
@@ -163,18 +162,26 @@ def test_list_shows_namespaces_of_owner_and_collaborations_with_few_queries(
     upload(alice, name="own")
     upload(alice, name="teamimg", namespace="team/sub")
     upload(bob, name="bobs")
-    peewee_log = logging.getLogger("peewee")
-    level = peewee_log.level
-    try:
-        with count_queries() as queries:
-            response = client.get("/images", headers=bob.headers)
-    finally:
-        peewee_log.setLevel(level)  # count_queries leaves peewee's logger at DEBUG
+    response, queries = count_queries_of(lambda: client.get("/images", headers=bob.headers))
     assert {i["name"] for i in response.json} == {"teamimg", "bobs"}
     assert response.json[1]["namespace"]["user"]["username"] == "alice"
     # The token with its user, the namespaces shared with bob, then one page with every
     # relation (the shared namespaces are walked one index each: docs/benchmarks.md).
-    assert queries.count <= 3
+    assert queries <= 3
+
+
+@pytest.mark.parametrize("accept", ["application/json", "application/octet-stream"])
+def test_an_image_in_a_shared_namespace_is_read_in_3_queries(client, alice, bob, upload,
+                                                             team, accept):
+    image_id = upload(alice, name="x", namespace="team/sub").json["id"]
+    headers = {**bob.headers, "Accept": accept}
+    response, queries = count_queries_of(lambda: client.get(f"/images/{image_id}",
+                                                            headers=headers))
+    assert response.status_code == 200
+    response.close()
+    # The token with its user, the image with its relations, then the namespace's root
+    # and bob's collaboration on it (namespaces._access_query).
+    assert queries == 3
 
 
 def test_name_outside_namespaces_does_not_block_a_new_namespace(alice, upload):

@@ -36,7 +36,8 @@ def _compiled(build, database_kind, shape):
     PostgreSQL's (placeholders, quoting), and the tests run both in one process."""
     query = build(*shape)
     sql, params = query.sql()
-    datetimes = tuple((i, column.python_value) for i, column in enumerate(query._returning)
+    datetimes = tuple((i, column.python_value)
+                      for i, column in enumerate(query._returning or ())  # none: a write
                       if isinstance(column, DateTimeField))
     return query, sql, tuple(params), datetimes
 
@@ -71,6 +72,11 @@ def rows(build, values, shape=(), stored_datetimes=False):
     if stored_datetimes or not datetimes:
         return cursor.fetchall()
     return _read_datetimes(cursor.fetchall(), datetimes)
+
+
+def changed(build, values, shape=()):
+    """Run build(*shape), an UPDATE or DELETE, with values bound; how many rows it changed."""
+    return _execute(build, shape, values)[1].rowcount
 
 
 def _read_datetimes(found, datetimes):

@@ -43,9 +43,7 @@ class Cache:
         """Hold this image's lock for the block, waiting (and saying so) while another
         process holds it."""
         with self._lock_file(sha256) as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _lock_now(lock):
                 print(f"imagestore: waiting for another pull of {sha256[:12]}…", file=sys.stderr)
                 fcntl.flock(lock, fcntl.LOCK_EX)
             yield  # the lock goes with the file's close
@@ -55,12 +53,7 @@ class Cache:
         """Hold this image's lock for the block if no other process holds it; yields
         whether it does."""
         with self._lock_file(sha256) as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-            else:
-                yield True
+            yield _lock_now(lock)
 
     def mark_used(self, sha256):
         """Set the file's access time to now (its modification time kept): its last use.
@@ -69,6 +62,15 @@ class Cache:
         path = self.path(sha256)
         with contextlib.suppress(PermissionError):
             os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
+
+
+def _lock_now(lock):
+    """Take the lock file's flock if nobody holds it; whether that was done."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

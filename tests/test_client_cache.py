@@ -15,7 +15,7 @@ sys.path.insert(0, str(CLIENT))
 from imagestore_client.cache import Cache, _remove_if_unused, prune
 
 DAY = 86400
-OLD, NEW, FOREIGN = "a" * 64, "b" * 64, "c" * 64
+OLD, NEW, PARTIAL = "a" * 64, "b" * 64, "c" * 64
 
 
 def put(path, size, days_ago):
@@ -34,7 +34,7 @@ def cache(tmp_path):
     cache = Cache(tmp_path / "cache")
     put(cache.path(OLD), 1000, 40)
     put(cache.path(NEW), 2000, 2)
-    put(cache.partial(FOREIGN), 300, 40)
+    put(cache.partial(PARTIAL), 300, 40)
     put(cache.root / "sha256" / "notes.txt", 10, 40)
     return cache
 
@@ -45,24 +45,24 @@ def names(paths):
 
 def test_prune_removes_what_was_not_used_for_the_age_and_keeps_the_rest(cache):
     pruned = prune(cache, 30 * DAY)
-    assert names(pruned.removed) == [f"{OLD}.qcow2", f"{FOREIGN}.part"]
+    assert names(pruned.removed) == [f"{OLD}.qcow2", f"{PARTIAL}.part"]
     assert (pruned.size, pruned.busy) == (1300, [])
-    assert not cache.path(OLD).exists() and not cache.partial(FOREIGN).exists()
+    assert not cache.path(OLD).exists() and not cache.partial(PARTIAL).exists()
     assert cache.path(NEW).exists()
     assert (cache.root / "sha256" / "notes.txt").exists()  # not a file the cache made
 
 
 def test_a_dry_run_names_the_same_files_and_changes_nothing(cache):
     dry = prune(cache, 30 * DAY, dry_run=True)
-    assert names(dry.removed) == [f"{OLD}.qcow2", f"{FOREIGN}.part"]
-    assert cache.path(OLD).exists() and cache.partial(FOREIGN).exists()
+    assert names(dry.removed) == [f"{OLD}.qcow2", f"{PARTIAL}.part"]
+    assert cache.path(OLD).exists() and cache.partial(PARTIAL).exists()
     assert not (cache.root / "locks").exists()  # not even a lock file
 
 
 def test_a_file_whose_lock_a_pull_holds_is_left_for_the_next_prune(cache):
     with cache.locked(OLD):  # a pull of that image, running now
         pruned = prune(cache, 30 * DAY)
-    assert names(pruned.removed) == [f"{FOREIGN}.part"]
+    assert names(pruned.removed) == [f"{PARTIAL}.part"]
     assert names(pruned.busy) == [f"{OLD}.qcow2"]
     assert cache.path(OLD).exists()
     assert names(prune(cache, 30 * DAY).removed) == [f"{OLD}.qcow2"]

@@ -5,9 +5,10 @@ pruning the files that have not been used for a while.
     CACHE/partial/<hex>.part   downloads not finished
     CACHE/locks/<hex>.lock     one lock file an image (flock), never removed
 
-A file's last use is its access time: every pull that returns it sets it (the kernel's
-relatime also moves it, at most daily, while a VM reads the file), so a mount with noatime
-still counts every pull.
+A file's last use is its access time or, if later, its modification time (a download's
+end): a pull that finds it cached sets its access time (the kernel's relatime also moves
+it, at most daily, while a VM reads the file), so a mount with noatime still counts every
+pull.
 """
 
 import contextlib

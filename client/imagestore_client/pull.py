@@ -166,6 +166,5 @@ def pull(server, ref, namespace, cache, retries=8, quiet=False):
         except BaseException:
             partial.file.close()
             raise
-        partial.install(target)
-        cache.mark_used(sha256)
+        partial.install(target)  # just written: its modification time is its last use
     return target

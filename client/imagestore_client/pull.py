@@ -4,7 +4,7 @@ A file there was checked against its sha256 before it was moved in, and is never
 after. A download in progress is CACHE/partial/<hex>.part; a broken one goes on with Range
 and If-Range (the ETag is the sha256), in this run or the next. Processes pulling one image
 at once take CACHE/locks/<hex>.lock (flock) in turn: the first downloads, the others find
-the file and only revalidate it (If-None-Match: 304, no bytes). Each pull marks the file
+the file and only revalidate it (If-None-Match: 304, no bytes), which marks the file
 used (cache.py), for `imagestore prune`.
 """
 

@@ -37,12 +37,19 @@ def readable_image(user, image_id):
     return image
 
 
+def may_change(user, image):
+    """Whether user (who has a token) may delete image: outside namespaces its owner
+    alone, in one the owner or a collaborator of its root. Whoever may change an image may
+    also see it, so this one check (one query in a namespace) decides both."""
+    if image.namespace_id is None:
+        return image.user_id == user.id
+    return can_write(user, image.namespace)
+
+
 def writable_image(user, image_id):
     """The image if user may delete it; 404 otherwise, also when user may only read it."""
-    image = readable_image(user, image_id)
-    if image.namespace_id is not None and not can_write(user, image.namespace):
-        raise not_found()
-    if image.namespace_id is None and image.user_id != user.id:
+    image = find_image(image_id)
+    if image is None or not may_change(user, image):
         raise not_found()
     return image
 

@@ -66,8 +66,9 @@ def test_search_applies_to_every_source_before_paging(client, alice, bob):
     assert all_pages(client, bob, search="go") == expected
 
 
-def count_queries_of(request):
-    """The SQL statements that request() runs (peewee's own log of execute_sql)."""
+def statements_of(request):
+    """What request() returns, and the SQL statements it ran (peewee's own log of
+    execute_sql)."""
     peewee_log = logging.getLogger("peewee")
     level = peewee_log.level
     try:
@@ -75,7 +76,13 @@ def count_queries_of(request):
             response = request()
     finally:
         peewee_log.setLevel(level)  # count_queries leaves peewee's logger at DEBUG
-    return response, queries.count
+    return response, [query.msg[0] for query in queries.get_queries()]
+
+
+def count_queries_of(request):
+    """What request() returns, and how many SQL statements it ran."""
+    response, statements = statements_of(request)
+    return response, len(statements)
 
 
 def test_past_200_shared_namespaces_are_read_in_one_term(client, alice, bob):

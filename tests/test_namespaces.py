@@ -4,7 +4,7 @@
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
-from test_list_pages import count_queries_of
+from test_list_pages import count_queries_of, statements_of
 
 from errors import ValidationError
 from models import Collaborator, Image, Namespace
@@ -192,3 +192,17 @@ def test_name_outside_namespaces_does_not_block_a_new_namespace(alice, upload):
     assert response.json["namespace"]["path"] == "djinn"
     again = upload(alice, name="alpine", namespace="djinn")
     assert again.json == {"name": ["Name already exists"]}
+
+
+def test_a_collaborator_deletes_in_a_shared_namespace_after_one_access_query(
+        client, alice, bob, upload, team):
+    """Whoever may change an image may see it: the delete asks the namespace's root and
+    bob's collaboration once (access.may_change), not once to see and once to change."""
+    image_id = upload(alice, name="x", namespace="team/sub").json["id"]
+    response, statements = statements_of(lambda: client.delete(f"/images/{image_id}",
+                                                               headers=bob.headers))
+    assert response.status_code == 204
+    assert Image.get_or_none(Image.id == image_id) is None
+    reads_of_the_root = [sql for sql in statements
+                         if 'FROM "namespace" AS "t1" INNER JOIN "namespace"' in sql]
+    assert len(reads_of_the_root) == 1

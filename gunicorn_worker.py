@@ -11,9 +11,7 @@ only a connection whose head is complete goes to a thread, and one whose head ha
 come within `head_timeout` seconds is closed (with a `408` when part of a head came). The
 worker accepts new connections only while a thread is free (or about to be), so that one
 busy with slow bodies leaves new connections to the other workers, and it may hold many
-connections that cost no thread. A thread that has answered a kept-alive request serves
-the connection's next one itself when its whole head is in within a few milliseconds (a
-client sending one request after the other); any other goes back to the main loop.
+connections that cost no thread.
 
 gunicorn also answers requests it cannot parse (a bad Content-Length, a request line or
 headers over the limits) with an HTML page; this worker's processes answer them with
@@ -22,7 +20,6 @@ headers over the limits) with an HTML page; this worker's processes answer them 
 
 import contextlib
 import json
-import select
 import selectors
 import socket
 import time
@@ -44,13 +41,6 @@ HEAD_BYTES_BUDGET = 64 * 1024 * 1024
 # read and dropped before the close: closing with unread bytes would send a reset, and
 # the client could lose the answer (gunicorn's close_graceful waits as long).
 LINGER_SECONDS = 2.0
-
-# After a kept-alive answer, how long its thread waits for the next request's whole head
-# before it hands the connection back to the main loop. A client sending one request after
-# the other (QEMU reading a disk through a link, a range at a time) has it in by then on
-# loopback or a LAN, and is served in the same thread, without the trip through the main
-# loop: a pipe write, the poller, the head read, the queue to a thread (docs/benchmarks.md).
-NEXT_HEAD_WAIT = 0.002
 
 
 def json_error(status, reason, message):
@@ -120,31 +110,11 @@ class Head:
         return length > self.limits.line > 0
 
 
-def next_head_ready(sock, buffered, limits, wait):
-    """Whether a kept-alive connection's next head is whole (Head.complete) in buffered,
-    what the parser read ahead, and the socket's queue, looked at without taking it; the
-    queue is waited for up to wait seconds when nothing is buffered."""
-    if not buffered:
-        readable = select.poll()  # not select.select: descriptors may be past 1024
-        readable.register(sock, select.POLLIN)
-        if not readable.poll(wait * 1000):
-            return False
-    try:
-        queued = sock.recv(HEAD_READ_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        queued = b""
-    except OSError:
-        return False
-    return Head(limits, buffered + queued).complete
-
-
 class ImagestoreWorker(ThreadWorker):
     """gthread, with heads read in the main loop under a deadline and JSON error pages."""
 
     # Seconds a connection has to deliver a request head; gunicorn.conf.py sets it.
     head_timeout = 10.0
-    # Seconds a thread waits for the next head on its kept-alive connection (handle).
-    next_head_wait = NEXT_HEAD_WAIT
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -166,18 +136,6 @@ class ImagestoreWorker(ThreadWorker):
         line, no HTTP/2 (those keep gunicorn's own way)."""
         return not (self.cfg.is_ssl or conn.is_http2 or self.cfg.proxy_protocol != "off"
                     or negotiation.prior_knowledge_allowed(self.cfg, conn.client))
-
-    def handle(self, conn):
-        """gthread's handling of a request, in a thread; then of each next request on the
-        connection whose head is whole within next_head_wait. Any other connection goes
-        back to the main loop, which waits for its head without a thread, under the
-        deadline, as before: a thread never reads an unfinished head."""
-        keepalive = super().handle(conn)
-        while (keepalive is True and self.alive and self.reads_heads(conn)
-               and next_head_ready(conn.sock, conn.parser.unreader.buf.getvalue(),
-                                   self.head_limits, self.next_head_wait)):
-            keepalive = super().handle(conn)
-        return keepalive
 
     def enqueue_req(self, conn):
         """Give conn to a thread once its request head is complete; wait for it till then.

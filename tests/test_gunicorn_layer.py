@@ -3,22 +3,18 @@ send nothing or send their head slowly, proxy headers, and gunicorn's own error 
 
 import contextlib
 import json
-import os
 import socket
 import threading
 import time
 import urllib.request
-from types import SimpleNamespace
 
 import pytest
 from conftest import start_server, stop_server
-from gunicorn import glogging
 from gunicorn.config import Config
 from gunicorn.http.errors import NoMoreData
 from gunicorn.http.parser import RequestParser
-from gunicorn.workers.gthread import TConn
 
-from gunicorn_worker import Head, HeadLimits, ImagestoreWorker, next_head_ready
+from gunicorn_worker import Head, HeadLimits
 
 # Guard against a hang only: nothing here waits for so long when the server is right.
 GUARD = 30
@@ -230,71 +226,6 @@ def test_the_head_reader_hands_over_when_gunicorns_parser_can_answer(request_byt
     for end in range(1, len(request_bytes) + 1):
         complete = head.add(request_bytes[end - 1:end])
         assert complete == (not parser_needs_more(cfg, request_bytes[:end])), end
-
-
-REQUEST = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-
-
-@pytest.mark.parametrize(("buffered", "queued", "ready"), [
-    (b"", REQUEST, True),
-    (REQUEST, b"", True),
-    (REQUEST[:10], REQUEST[10:], True),
-    (b"", REQUEST[:-2], False),
-    (REQUEST[:-2], b"", False),
-    (b"", b"", False),
-])
-def test_a_thread_takes_the_next_request_only_when_its_head_is_whole(buffered, queued,
-                                                                     ready):
-    """After a kept-alive answer, the thread serves the next request itself when its head
-    is all there (read ahead, in the socket's queue, or both); and it leaves what is
-    queued for whoever reads next."""
-    head_limits = HeadLimits(Config())
-    server_side, client_side = socket.socketpair()
-    with server_side, client_side:
-        client_side.sendall(queued)
-        assert next_head_ready(server_side, buffered, head_limits, 0.05) is ready
-        if queued:
-            assert server_side.recv(len(queued) + 1) == queued
-
-
-def test_a_thread_does_not_take_a_closed_connection():
-    server_side, client_side = socket.socketpair()
-    with server_side:
-        client_side.close()
-        assert next_head_ready(server_side, b"", HeadLimits(Config()), 0.05) is False
-
-
-def test_a_thread_serves_the_next_requests_of_its_connection_itself(app):
-    """gthread hands a kept-alive connection back to the main loop after each answer; a
-    client that sends its next request as soon as it has the answer (QEMU reading ranges)
-    is served by the same thread instead, until the connection falls quiet or closes. The
-    worker runs in this process, its thread is this test's, the app is imagestore's."""
-    cfg = Config()
-    cfg.set("http_parser", "python")
-    worker = ImagestoreWorker(0, os.getpid(), [], None, GUARD, cfg, glogging.Logger(cfg))
-    worker.wsgi = app
-    worker.next_head_wait = GUARD  # the client sends each next request once it has an answer
-    answers = []
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        port = listener.getsockname()[1]
-        client = Conn(SimpleNamespace(url=f"http://127.0.0.1:{port}"))
-        server_side, address = listener.accept()
-
-        def three_requests_then_close():
-            with client:
-                for _ in range(3):
-                    client.send(REQUEST)
-                    answers.append(client.answer()[0])
-
-        sending = threading.Thread(target=three_requests_then_close)
-        sending.start()
-        try:
-            assert worker.handle(TConn(cfg, server_side, address, ("127.0.0.1", port)))
-        finally:
-            server_side.close()  # a client still waiting for an answer gets none
-            sending.join(GUARD)
-            worker.tmp.close()
-    assert answers == [200, 200, 200]
 
 
 BIG_HEADER = b"X-Big: " + b"a" * 8000 + b"\r\n"

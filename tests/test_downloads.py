@@ -11,7 +11,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from werkzeug.http import http_date
 
-from downloads import DISK_TYPES, JSON, FileSpan, negotiate
+from downloads import DISK_TYPES, JSON, UNSENT_LIMIT, FileSpan, negotiate, same_host
 from models import Image
 
 DISK = "application/x-qemu-disk"
@@ -359,27 +359,52 @@ def corked(sock):
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 1
 
 
+def unsent_limit(sock):
+    """The socket's own TCP_NOTSENT_LOWAT; 0: the system's (unlimited by default)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+
+
 def test_a_download_corks_the_clients_socket_until_its_answer_ends(client, alice, image,
                                                                   served_socket, qcow2_bytes):
-    """The head and the file leave in full segments (nginx's tcp_nopush), and the end of the
-    answer uncorks: a socket left corked would hold a kept-alive client's next answer."""
+    """The head and the file leave in full segments (nginx's tcp_nopush), with at most
+    UNSENT_LIMIT waiting unsent, and the end of the answer uncorks: a socket left corked
+    would hold a kept-alive client's next answer."""
+    assert unsent_limit(served_socket) == 0
     with client.open(f"/images/{image['id']}", headers={**alice.headers, "Accept": DISK},
                      environ_overrides={"gunicorn.socket": served_socket},
                      buffered=False) as response:
         first = next(response.response)
         assert corked(served_socket)
+        assert unsent_limit(served_socket) == UNSENT_LIMIT == 32 * 1024
         assert first + b"".join(response.response) == qcow2_bytes
     assert not corked(served_socket)
+    assert unsent_limit(served_socket) == 0
 
 
 def test_a_span_uncorks_when_the_server_closes_it_early(tmp_path, served_socket):
-    """A download cut off after its first use (sendfile's fileno) still uncorks."""
+    """A download cut off after its first use (sendfile's fileno) still uncorks, and gives
+    the socket back the system's limit of unsent bytes."""
     path = tmp_path / "file"
     path.write_bytes(b"x" * 100)
     span = FileSpan(path.open("rb"), 10, 20, served_socket)
     assert span.fileno() > 0 and corked(served_socket)
+    assert unsent_limit(served_socket) == UNSENT_LIMIT
     span.close()
     assert not corked(served_socket) and span.file.closed
+    assert unsent_limit(served_socket) == 0
+
+
+def test_only_a_client_on_this_host_gets_the_unsent_limit():
+    """The limit frees the client's core of the server's sending, which it only does when
+    both ends share this host's kernel; a client elsewhere is sent to as before."""
+    assert same_host("127.0.0.1", "127.0.0.1")
+    assert same_host("127.0.0.2", "127.0.0.1")
+    assert same_host("::1", "::1")
+    assert same_host("::ffff:127.0.0.1", "::ffff:192.0.2.2")  # a [::] bind's IPv4 client
+    assert same_host("192.0.2.2", "192.0.2.2")  # the host's own address goes over loopback
+    assert not same_host("192.0.2.7", "192.0.2.2")
+    assert not same_host("2001:db8::7", "2001:db8::2")
+    assert not same_host("::ffff:192.0.2.7", "::ffff:192.0.2.2")
 
 
 def test_a_span_on_a_unix_socket_or_none_sends_as_before(tmp_path):
@@ -390,5 +415,5 @@ def test_a_span_on_a_unix_socket_or_none_sends_as_before(tmp_path):
     with left, right:
         for sock in (left, None):
             span = FileSpan(path.open("rb"), 2, 6, sock)
-            assert span.read() == b"2345" and not span.corked
+            assert span.read() == b"2345" and not span.corked and not span.limited
             span.close()

@@ -186,6 +186,7 @@ class FileSpan:
         self.file = file
         self.left = end - start
         self.sock = sock
+        self.prepared = False
         self.corked = False
         self.limited = False
 
@@ -197,10 +198,12 @@ class FileSpan:
     def _prepare_socket(self):
         """Cork the client's socket and limit its unsent bytes, once, before the server
         writes the answer."""
-        if self.sock is not None and not self.corked:
-            self.corked = set_tcp_option(self.sock, TCP_CORK, 1)
-            self.limited = (is_local_peer(self.sock)
-                            and set_tcp_option(self.sock, TCP_NOTSENT_LOWAT, UNSENT_LIMIT))
+        if self.sock is None or self.prepared:
+            return
+        self.prepared = True  # where an option failed (a Unix socket), it fails every time
+        self.corked = set_tcp_option(self.sock, TCP_CORK, 1)
+        self.limited = (is_local_peer(self.sock)
+                        and set_tcp_option(self.sock, TCP_NOTSENT_LOWAT, UNSENT_LIMIT))
 
     def read(self, size=-1):
         """Up to size bytes, never past the span's end."""
